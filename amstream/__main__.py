@@ -1,0 +1,5 @@
+import sys
+
+from amstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `amstream` CLI; see `amstream.cli`."""

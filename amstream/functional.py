@@ -1,0 +1,319 @@
+"""The algorithm of Choromanska et al. (ICML 2019), Algorithms 2.1-2.3, as pure functions.
+
+Read this file next to Section 2 of the paper. Notation (one minibatch of B samples):
+
+- ``W[l], b[l]`` for l = 1..L+1 are the linear maps; layer l computes
+  ``c[l] = a[l-1] @ W[l].T + b[l]`` and ``a[l] = sigma_l(c[l])`` with ``a[0] = x``.
+- ``c[1..L]`` are the *codes* (hidden pre-activations), the auxiliary variables of eq. (3).
+  The output pre-activation (logits) is not a code.
+
+Algorithm 2.1 (one online AM step) is :func:`am_step`:
+
+1. ``encode_input``   (Algorithm 2.2, forward)  codes from the current weights;
+2. ``update_codes``   (Algorithm 2.2, backward) top code by problem (4), then hidden codes by
+   problem (5) from l = L-1 down to 1;
+3. ``update_weights`` (Algorithm 2.3)           output layer by one SGD/Adam step on the loss;
+   each hidden layer independently: AM-Adam takes Adam steps on the local least squares
+   loss (6) with t' = t, AM-mem updates the co-activation memories A, B (``update_memory``)
+   and minimizes the surrogate (7) by block-coordinate descent (``bcd``).
+
+All gradients are derived by hand (no autograd graph), and every code problem is
+separable over samples, so the code solvers work on the whole minibatch at once.
+
+Code solver. Problems (4) and (5) are, per sample, a smooth loss of ``sigma(c)`` plus
+``mu * ||c - c_fwd||^2``. The default solver (``newton-diag``) takes steps
+``c <- c - g / h`` where g is the gradient and h the diagonal of the Gauss-Newton curvature
+(for (5): ``2 mu (sigma'(c)^2 * colsum(W[l+1]^2) + 1)``; for (4) the softmax curvature is
+bounded by 1/2). It is scale free — no step size to tune, whatever mu, the batch size or
+the layer widths — and one step from the forward codes already moves each hidden code
+to the minimizer of a per-unit quadratic model, which is why one iteration is the
+default for the (expensive) hidden problems. The ``momentum`` solver is the authors'
+choice (gradient steps with Nesterov momentum), kept for comparison.
+
+Non-differentiable ``sign``: the forward pass and the weight fits use the true sign; inside
+the code problems its derivative is replaced by the straight-through ``1{|c| <= 1}``.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "Layer",
+    "Encoding",
+    "encode_input",
+    "output_loss_grad",
+    "top_code_objective",
+    "hidden_code_objective",
+    "solve_top_code",
+    "solve_hidden_code",
+    "update_codes",
+    "local_lsq_grad",
+    "output_grad",
+    "update_memory",
+    "bcd",
+    "mem_objective",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Activations: sigma and its derivative sigma'(c) (given c and a = sigma(c))
+# ---------------------------------------------------------------------------------------
+class Activation(NamedTuple):
+    fn: Callable[[Tensor], Tensor]
+    grad: Callable[[Tensor, Tensor], Tensor]  # (c, a) -> sigma'(c)
+
+
+def _relu_grad(c: Tensor, a: Tensor) -> Tensor:
+    return (c > 0).to(c.dtype)
+
+
+def _leaky_grad(c: Tensor, a: Tensor) -> Tensor:
+    return torch.where(c > 0, 1.0, 0.01).to(c.dtype)
+
+
+def _sign(c: Tensor) -> Tensor:
+    # sign with sign(0) = +1, so a unit is always on or off
+    return torch.where(c >= 0, 1.0, -1.0).to(c.dtype)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(torch.relu, _relu_grad),
+    "leaky_relu": Activation(lambda c: torch.nn.functional.leaky_relu(c, 0.01), _leaky_grad),
+    "tanh": Activation(torch.tanh, lambda c, a: 1.0 - a * a),
+    "sigmoid": Activation(torch.sigmoid, lambda c, a: a * (1.0 - a)),
+    "identity": Activation(lambda c: c, lambda c, a: torch.ones_like(c)),
+    # straight-through derivative, used only inside the code subproblems
+    "sign": Activation(_sign, lambda c, a: (c.abs() <= 1.0).to(c.dtype)),
+}
+
+
+class Layer(NamedTuple):
+    """One linear map ``c = a @ weight.T + bias`` (bias may be None)."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+
+def _linear(a: Tensor, layer: Layer) -> Tensor:
+    if layer.bias is None:
+        return a @ layer.weight.T
+    return torch.addmm(layer.bias, a, layer.weight.T)
+
+
+# ---------------------------------------------------------------------------------------
+# Algorithm 2.2, encodeInput: the forward pass
+# ---------------------------------------------------------------------------------------
+class Encoding(NamedTuple):
+    codes: list[Tensor]  # c[1..L]
+    acts: list[Tensor]  # a[0..L], a[0] = x
+    out: Tensor  # output pre-activation (logits for ce)
+
+
+def encode_input(x: Tensor, layers: Sequence[Layer], activations: Sequence[str]) -> Encoding:
+    """c[l] = W[l] sigma_{l-1}(c[l-1]) for l = 1..L, and the network output."""
+    acts = [x]
+    codes = []
+    for layer, name in zip(layers[:-1], activations):
+        c = _linear(acts[-1], layer)
+        codes.append(c)
+        acts.append(ACTIVATIONS[name].fn(c))
+    return Encoding(codes, acts, _linear(acts[-1], layers[-1]))
+
+
+# ---------------------------------------------------------------------------------------
+# The loss of eq. (2) (or squared loss) and its gradient w.r.t. the output
+# ---------------------------------------------------------------------------------------
+def output_loss_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+    """Per-sample loss [B] and its gradient w.r.t. the output pre-activation [B, m].
+
+    ``ce``: multinomial loss, y holds class indices; ``mse``: 0.5 ||out - y||^2.
+    """
+    if loss == "ce":
+        logp = torch.log_softmax(out, dim=1)
+        per_sample = -logp.gather(1, y.view(-1, 1)).squeeze(1)
+        grad = logp.exp_()
+        grad[torch.arange(out.shape[0], device=out.device), y] -= 1.0
+        return per_sample, grad
+    diff = out - y.view(out.shape)
+    return 0.5 * (diff * diff).sum(1), diff
+
+
+# curvature bound of the loss w.r.t. the output: softmax Hessian <= 1/2, squared loss = 1
+_LOSS_CURVATURE = {"ce": 0.5, "mse": 1.0}
+
+
+# ---------------------------------------------------------------------------------------
+# Algorithm 2.2, updateCodes: problems (4) and (5)
+# ---------------------------------------------------------------------------------------
+def top_code_objective(c, c_fwd, y, out_layer: Layer, act: str, mu: float, loss: str) -> Tensor:
+    """Problem (4), summed over the minibatch: L(y, sigma(c), W[L+1]) + mu ||c - c_fwd||^2."""
+    out = _linear(ACTIVATIONS[act].fn(c), out_layer)
+    return output_loss_grad(out, y, loss)[0].sum() + mu * (c - c_fwd).pow(2).sum()
+
+
+def hidden_code_objective(c, c_fwd, c_next, next_layer: Layer, act: str, mu: float) -> Tensor:
+    """Problem (5), summed: mu ||c[l+1] - W[l+1] sigma(c)||^2 + mu ||c - c_fwd||^2."""
+    r = c_next - _linear(ACTIVATIONS[act].fn(c), next_layer)
+    return mu * (r.pow(2).sum() + (c - c_fwd).pow(2).sum())
+
+
+def _colsq(weight: Tensor) -> Tensor:
+    """Squared column norms of W: the diagonal of W^T W."""
+    return weight.pow(2).sum(0)
+
+
+def solve_top_code(
+    c_fwd: Tensor, y: Tensor, out_layer: Layer, act: str, mu: float, loss: str,
+    *, iters: int, solver: str = "newton-diag", step: float = 1.0,
+) -> Tensor:
+    """Problem (4): c[L] = argmin_c L(y, sigma_L(c), W[L+1]) + mu ||c - W[L] a[L-1]||^2."""
+    c = c_fwd.clone()
+    if iters == 0:
+        return c
+    sigma = ACTIVATIONS[act]
+    curv_out = _LOSS_CURVATURE[loss] * _colsq(out_layer.weight)  # [m_L]
+    velocity = torch.zeros_like(c) if solver == "momentum" else None
+    for _ in range(iters):
+        a = sigma.fn(c)
+        d = sigma.grad(c, a)
+        _, g_out = output_loss_grad(_linear(a, out_layer), y, loss)
+        grad = d * (g_out @ out_layer.weight) + (2.0 * mu) * (c - c_fwd)
+        c = _take_step(c, grad, velocity, step, lambda: d * d * curv_out + 2.0 * mu)
+    return c
+
+
+def solve_hidden_code(
+    c_fwd: Tensor, c_next: Tensor, c_next_fwd: Tensor, next_layer: Layer, act: str, mu: float,
+    *, iters: int, solver: str = "newton-diag", step: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Problem (5): c[l] = argmin_c mu ||c[l+1] - W[l+1] sigma_l(c)||^2 + mu ||c - W[l] a[l-1]||^2.
+
+    ``c_next`` is the already updated code above; ``c_next_fwd = W[l+1] sigma(c_fwd)`` is
+    its forward value, so the first residual costs no matrix product.
+
+    Returns the new code and the residual ``c_next - W[l+1] sigma(c_new)``, which the
+    weight update of layer l+1 needs (AM-Adam) -- computed once, here.
+    """
+    sigma = ACTIVATIONS[act]
+    c = c_fwd
+    residual = c_next - c_next_fwd
+    if iters == 0:
+        return c.clone(), residual
+    colsq = _colsq(next_layer.weight)
+    velocity = torch.zeros_like(c) if solver == "momentum" else None
+    a = sigma.fn(c)
+    for _ in range(iters):
+        d = sigma.grad(c, a)
+        # gradient / (2 mu); mu cancels between the two terms, as the paper's (5) shows
+        grad = (c - c_fwd) - d * (residual @ next_layer.weight)
+        c = _take_step(c, grad, velocity, step, lambda: d * d * colsq + 1.0)
+        a = sigma.fn(c)
+        residual = c_next - _linear(a, next_layer)
+    return c, residual
+
+
+def _take_step(c: Tensor, grad: Tensor, velocity: Tensor | None, step: float, curvature) -> Tensor:
+    if velocity is None:  # newton-diag
+        return c - (step * grad) / curvature()
+    # Nesterov momentum (as torch.optim.SGD(nesterov=True) with momentum 0.9)
+    velocity.mul_(0.9).add_(grad)
+    return c - step * (grad + 0.9 * velocity)
+
+
+def update_codes(
+    enc: Encoding, y: Tensor, layers: Sequence[Layer], activations: Sequence[str], mu: float,
+    loss: str, *, iters_top: int, iters: int, solver: str = "newton-diag", step: float = 1.0,
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Algorithm 2.2, updateCodes: solve (4) for c[L], then (5) for l = L-1, ..., 1.
+
+    Returns the new codes c[1..L] and, for each hidden layer l = 1..L, the residual
+    ``c[l] - W[l] sigma(c[l-1])`` at the new codes where a code solver already computed
+    it (``None`` for layer 1 and where it was not computed).
+    """
+    L = len(enc.codes)
+    codes: list[Tensor] = [None] * L  # type: ignore[list-item]
+    residuals: list[Tensor | None] = [None] * L
+    codes[L - 1] = solve_top_code(enc.codes[L - 1], y, layers[L], activations[L - 1], mu, loss,
+                                  iters=iters_top, solver=solver, step=step)
+    for l in range(L - 2, -1, -1):
+        codes[l], res = solve_hidden_code(enc.codes[l], codes[l + 1], enc.codes[l + 1], layers[l + 1],
+                                          activations[l], mu, iters=iters, solver=solver, step=step)
+        residuals[l + 1] = res
+    return codes, residuals
+
+
+# ---------------------------------------------------------------------------------------
+# Algorithm 2.3, updateWeights: layer-local gradients (AM-Adam) and memories (AM-mem)
+# ---------------------------------------------------------------------------------------
+def output_grad(a_top: Tensor, y: Tensor, out_layer: Layer, loss: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Gradient of the mean loss w.r.t. W[L+1], b[L+1], with input sigma(c[L]) (line 1).
+
+    Returns (grad_weight, grad_bias, per-sample loss).
+    """
+    per_sample, g = output_loss_grad(_linear(a_top, out_layer), y, loss)
+    g = g / a_top.shape[0]
+    return g.T @ a_top, (g.sum(0) if out_layer.bias is not None else None), per_sample
+
+
+def local_lsq_grad(a_in: Tensor, residual: Tensor, mu: float, has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Gradient of eq. (6) with t' = t, mean over the minibatch: mu/B sum ||c - W a - b||^2.
+
+    ``residual`` is ``c - W a - b`` at the new codes; the gradient is -2 mu/B r^T a.
+    """
+    scale = -2.0 * mu / a_in.shape[0]
+    g_w = (residual.T @ a_in).mul_(scale)
+    return g_w, (residual.sum(0).mul_(scale) if has_bias else None)
+
+
+def augment(a: Tensor, has_bias: bool) -> Tensor:
+    """[a, 1]: the bias becomes the last column of the weight matrix (AM-mem)."""
+    if not has_bias:
+        return a
+    return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+
+
+def update_memory(A: Tensor, B: Tensor, a_in: Tensor, c: Tensor, decay: float = 1.0) -> None:
+    """updateMemory (Algorithm 2.3), in place: A <- decay A + sum a a^T, B <- decay B + sum c a^T.
+
+    With decay = 1 these are the plain sums A_t, B_t of eq. (7); decay < 1 is a
+    forgetting factor (Mairal et al., 2009, Sec. 3.4).
+    """
+    if decay != 1.0:
+        A.mul_(decay)
+        B.mul_(decay)
+    A.addmm_(a_in.T, a_in)
+    B.addmm_(c.T, a_in)
+
+
+def mem_objective(W: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """The surrogate of eq. (7): Tr(W^T W A) - 2 Tr(W^T B)."""
+    return ((W @ A) * W).sum() - 2.0 * (W * B).sum()
+
+
+def bcd(W: Tensor, A: Tensor, B: Tensor, *, sweeps: int = 1, block: int = 64, ridge: float = 1e-4) -> None:
+    """Minimize Tr(W^T W A) - 2 Tr(W^T B) over W, in place, by block-coordinate descent.
+
+    Each block J of columns is set to its exact minimizer given the others,
+    ``W[:, J] <- W[:, J] + (B[:, J] - W A[:, J]) (A[J, J] + eps I)^-1`` (Mairal et al., 2009,
+    Algorithm 2, with blocks instead of single columns; ``block=1`` is their update).
+    eps = ridge * mean(diag A) keeps never-active inputs (A[j, j] = 0) from dividing by 0.
+    """
+    n = A.shape[0]
+    eps = ridge * float(A.diagonal().mean()) + 1e-12
+    starts = range(0, n, block)
+    # factor each diagonal block once per call (A does not change during the sweeps)
+    inverses = []
+    for s in starts:
+        A_JJ = A[s:s + block, s:s + block]
+        eye = torch.eye(A_JJ.shape[0], dtype=A.dtype, device=A.device)
+        inverses.append(torch.linalg.inv(A_JJ + eps * eye))
+    for _ in range(sweeps):
+        for s, inv in zip(starts, inverses):
+            J = slice(s, s + block)
+            resid = B[:, J] - W @ A[:, J]
+            W[:, J] += resid @ inv
