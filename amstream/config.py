@@ -60,11 +60,11 @@ class AMConfig:
     code_iters_top, code_iters
         Inner iterations for the top code problem (4) and for each hidden code problem (5).
     code_solver
-        ``"newton-diag"``: steps preconditioned by the diagonal of the Gauss-Newton curvature
-        (scale free, no step size to tune); ``"momentum"``: plain gradient steps with Nesterov
-        momentum, as in the authors' code.
+        ``"linesearch"``: steepest descent with a per-sample exact line search on the
+        Gauss-Newton model of the problem (scale free, no step size to tune);
+        ``"momentum"``: plain gradient steps with Nesterov momentum, as in the authors' code.
     code_step
-        Damping of the newton-diag step (1.0 = full step), or the learning rate of the
+        Damping of the linesearch step (1.0 = full step), or the learning rate of the
         momentum solver.
     lr
         Step of each hidden layer's Adam in AM-Adam, and of the backprop baselines.
@@ -94,13 +94,13 @@ class AMConfig:
     loss: str = "ce"
     algo: str = "am-adam"
     # quadratic penalty schedule
-    mu: float = 0.1
+    mu: float = 1.0
     mu_growth: float = 1.0
     mu_max: float = math.inf
     # code subproblems (4)-(5)
-    code_iters_top: int = 3
+    code_iters_top: int = 1
     code_iters: int = 1
-    code_solver: str = "newton-diag"
+    code_solver: str = "linesearch"
     code_step: float = 1.0
     # weight subproblems (6)-(7)
     lr: float = 3e-3
@@ -142,8 +142,8 @@ class AMConfig:
             )
         if self.loss not in ("ce", "mse"):
             raise ConfigError(f"`loss` must be `ce` or `mse`, got `{self.loss}`")
-        if self.code_solver not in ("newton-diag", "momentum"):
-            raise ConfigError(f"`code_solver` must be `newton-diag` or `momentum`, got `{self.code_solver}`")
+        if self.code_solver not in ("linesearch", "momentum"):
+            raise ConfigError(f"`code_solver` must be `linesearch` or `momentum`, got `{self.code_solver}`")
         if self.out_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"`out_optimizer` must be `adam` or `sgd`, got `{self.out_optimizer}`")
         positive = {"mu": self.mu, "lr": self.lr, "lr_out": self.lr_out, "code_step": self.code_step,

@@ -21,14 +21,13 @@ All gradients are derived by hand (no autograd graph), and every code problem is
 separable over samples, so the code solvers work on the whole minibatch at once.
 
 Code solver. Problems (4) and (5) are, per sample, a smooth loss of ``sigma(c)`` plus
-``mu * ||c - c_fwd||^2``. The default solver (``newton-diag``) takes steps
-``c <- c - g / h`` where g is the gradient and h the diagonal of the Gauss-Newton curvature
-(for (5): ``2 mu (sigma'(c)^2 * colsum(W[l+1]^2) + 1)``; for (4) the softmax curvature is
-bounded by 1/2). It is scale free — no step size to tune, whatever mu, the batch size or
-the layer widths — and one step from the forward codes already moves each hidden code
-to the minimizer of a per-unit quadratic model, which is why one iteration is the
-default for the (expensive) hidden problems. The ``momentum`` solver is the authors'
-choice (gradient steps with Nesterov momentum), kept for comparison.
+``mu * ||c - c_fwd||^2``. The default solver (``linesearch``) is steepest descent where
+each sample takes the step that exactly minimizes the problem's Gauss-Newton model along
+the gradient (linearizing sigma around the current code). It is scale free — no step
+size to tune, whatever mu, the batch size or the layer widths — and each step lowers the
+model objective; it costs one extra matrix product per step. The ``momentum`` solver is
+the authors' choice (gradient steps with Nesterov momentum and a fixed rate), kept for
+comparison (``benchmarks/code_solvers.py`` measures both).
 
 Non-differentiable ``sign``: the forward pass and the weight fits use the true sign; inside
 the code problems its derivative is replaced by the straight-through ``1{|c| <= 1}``.
@@ -53,6 +52,7 @@ __all__ = [
     "solve_hidden_code",
     "update_codes",
     "local_lsq_grad",
+    "lsq_residual",
     "output_grad",
     "update_memory",
     "bcd",
@@ -66,14 +66,16 @@ __all__ = [
 class Activation(NamedTuple):
     fn: Callable[[Tensor], Tensor]
     grad: Callable[[Tensor, Tensor], Tensor]  # (c, a) -> sigma'(c)
+    binary_grad: bool = False  # sigma'(c) only takes the values 0 and 1
+    piecewise_linear: bool = False  # sigma(c + dc) = sigma(c) + sigma'(c) dc unless c crosses 0
 
 
 def _relu_grad(c: Tensor, a: Tensor) -> Tensor:
-    return (c > 0).to(c.dtype)
+    return torch.sign(a)  # a = relu(c) >= 0, so sign(a) = 1{c > 0}; cheaper than a comparison
 
 
 def _leaky_grad(c: Tensor, a: Tensor) -> Tensor:
-    return torch.where(c > 0, 1.0, 0.01).to(c.dtype)
+    return torch.sign(a).mul_(0.495).add_(0.505)  # 1 where c > 0, 0.01 elsewhere (0.505 at c = 0)
 
 
 def _sign(c: Tensor) -> Tensor:
@@ -82,13 +84,13 @@ def _sign(c: Tensor) -> Tensor:
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(torch.relu, _relu_grad),
-    "leaky_relu": Activation(lambda c: torch.nn.functional.leaky_relu(c, 0.01), _leaky_grad),
+    "relu": Activation(torch.relu, _relu_grad, True, True),
+    "leaky_relu": Activation(lambda c: torch.nn.functional.leaky_relu(c, 0.01), _leaky_grad, False, True),
     "tanh": Activation(torch.tanh, lambda c, a: 1.0 - a * a),
     "sigmoid": Activation(torch.sigmoid, lambda c, a: a * (1.0 - a)),
-    "identity": Activation(lambda c: c, lambda c, a: torch.ones_like(c)),
+    "identity": Activation(lambda c: c, lambda c, a: torch.ones_like(c), True, True),
     # straight-through derivative, used only inside the code subproblems
-    "sign": Activation(_sign, lambda c, a: (c.abs() <= 1.0).to(c.dtype)),
+    "sign": Activation(_sign, lambda c, a: (c.abs() <= 1.0).to(c.dtype), True),
 }
 
 
@@ -162,89 +164,144 @@ def hidden_code_objective(c, c_fwd, c_next, next_layer: Layer, act: str, mu: flo
     return mu * (r.pow(2).sum() + (c - c_fwd).pow(2).sum())
 
 
-def _colsq(weight: Tensor) -> Tensor:
-    """Squared column norms of W: the diagonal of W^T W."""
-    return weight.pow(2).sum(0)
+def _rowsq(u: Tensor) -> Tensor:
+    """Per-sample squared norms |u_i|^2 as a column [B, 1]."""
+    return torch.linalg.vector_norm(u, dim=1, keepdim=True).square_()
 
 
 def solve_top_code(
     c_fwd: Tensor, y: Tensor, out_layer: Layer, act: str, mu: float, loss: str,
-    *, iters: int, solver: str = "newton-diag", step: float = 1.0,
-) -> Tensor:
-    """Problem (4): c[L] = argmin_c L(y, sigma_L(c), W[L+1]) + mu ||c - W[L] a[L-1]||^2."""
-    c = c_fwd.clone()
-    if iters == 0:
-        return c
+    *, iters: int, solver: str = "linesearch", step: float = 1.0, a_fwd: Tensor | None = None,
+    g_out_fwd: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Problem (4): c[L] = argmin_c L(y, sigma_L(c), W[L+1]) + mu ||c - W[L] a[L-1]||^2.
+
+    Per sample, the gradient is ``g = sigma'(c) * (dL/dout @ W[L+1]) + 2 mu (c - c_fwd)``.
+    ``linesearch`` steps along -g by the minimizer of the Gauss-Newton model of the
+    objective, ``alpha = |g|^2 / (k |W (sigma' g)|^2 + 2 mu |g|^2)``, where k bounds the loss
+    curvature (1/2 for the softmax, 1 for squared loss): one matrix product with the
+    small output matrix per step, and a descent step whatever mu, the widths or the scale.
+    ``a_fwd = sigma(c_fwd)`` and ``g_out_fwd`` (the loss gradient at the forward output)
+    may be passed when the caller has them. Returns the new code and its activation.
+    """
     sigma = ACTIVATIONS[act]
-    curv_out = _LOSS_CURVATURE[loss] * _colsq(out_layer.weight)  # [m_L]
+    c = c_fwd
+    a = sigma.fn(c) if a_fwd is None else a_fwd
+    if iters == 0:
+        return c.clone(), a
+    kappa = _LOSS_CURVATURE[loss]
     velocity = torch.zeros_like(c) if solver == "momentum" else None
-    for _ in range(iters):
-        a = sigma.fn(c)
+    for it in range(iters):
         d = sigma.grad(c, a)
-        _, g_out = output_loss_grad(_linear(a, out_layer), y, loss)
-        grad = d * (g_out @ out_layer.weight) + (2.0 * mu) * (c - c_fwd)
-        c = _take_step(c, grad, velocity, step, lambda: d * d * curv_out + 2.0 * mu)
-    return c
+        if it == 0 and g_out_fwd is not None:
+            g_out = g_out_fwd
+        else:
+            _, g_out = output_loss_grad(_linear(a, out_layer), y, loss)
+        grad = (g_out @ out_layer.weight).mul_(d)
+        if it > 0:  # at c = c_fwd the penalty's gradient is 0
+            grad.add_(c - c_fwd, alpha=2.0 * mu)
+        if velocity is None:
+            gg = _rowsq(grad)
+            # sigma' * g; at it = 0 with a 0/1 derivative it is g itself
+            d_grad = grad if (it == 0 and sigma.binary_grad) else grad * d
+            Jg = d_grad @ out_layer.weight.T  # first-order change of the output along g
+            alpha = gg.div_((kappa * _rowsq(Jg)).add_(gg, alpha=2.0 * mu).clamp_min_(1e-30)).mul_(step)
+            c = torch.addcmul(c, grad, alpha, value=-1.0)
+        else:
+            c = _momentum_step(c, grad, velocity, step)
+        a = sigma.fn(c)
+    return c, a
 
 
 def solve_hidden_code(
     c_fwd: Tensor, c_next: Tensor, c_next_fwd: Tensor, next_layer: Layer, act: str, mu: float,
-    *, iters: int, solver: str = "newton-diag", step: float = 1.0,
-) -> tuple[Tensor, Tensor]:
+    *, iters: int, solver: str = "linesearch", step: float = 1.0, a_fwd: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Problem (5): c[l] = argmin_c mu ||c[l+1] - W[l+1] sigma_l(c)||^2 + mu ||c - W[l] a[l-1]||^2.
 
-    ``c_next`` is the already updated code above; ``c_next_fwd = W[l+1] sigma(c_fwd)`` is
-    its forward value, so the first residual costs no matrix product.
+    Per sample, the gradient divided by 2 mu (mu cancels, as the paper notes) is
+    ``g = (c - c_fwd) - sigma'(c) * (r @ W[l+1])`` with the residual
+    ``r = c[l+1] - W[l+1] sigma(c) - b[l+1]``. ``linesearch`` steps along -g by the exact
+    minimizer of the problem linearized in sigma, ``alpha = |g|^2 / (|W (sigma' g)|^2 + |g|^2)``
+    (one extra product per step). ``c_next`` is the already updated code above and
+    ``c_next_fwd = W[l+1] sigma(c_fwd) + b`` its forward value, so the first residual costs
+    no matrix product.
 
-    Returns the new code and the residual ``c_next - W[l+1] sigma(c_new)``, which the
-    weight update of layer l+1 needs (AM-Adam) -- computed once, here.
+    Returns the new code, its activation, and the residual at the new code, which is
+    exactly what the weight update of layer l+1 needs (AM-Adam): computed once, here.
     """
     sigma = ACTIVATIONS[act]
     c = c_fwd
+    a = sigma.fn(c) if a_fwd is None else a_fwd
     residual = c_next - c_next_fwd
     if iters == 0:
-        return c.clone(), residual
-    colsq = _colsq(next_layer.weight)
+        return c.clone(), a, residual
     velocity = torch.zeros_like(c) if solver == "momentum" else None
-    a = sigma.fn(c)
-    for _ in range(iters):
+    W = next_layer.weight
+    for it in range(iters):
         d = sigma.grad(c, a)
-        # gradient / (2 mu); mu cancels between the two terms, as the paper's (5) shows
-        grad = (c - c_fwd) - d * (residual @ next_layer.weight)
-        c = _take_step(c, grad, velocity, step, lambda: d * d * colsq + 1.0)
-        a = sigma.fn(c)
-        residual = c_next - _linear(a, next_layer)
-    return c, residual
+        descent = (residual @ W).mul_(d)  # minus the gradient
+        if it > 0:  # at c = c_fwd the penalty's gradient is 0
+            descent.sub_(c - c_fwd)
+        if velocity is not None:
+            c = _momentum_step(c, descent.neg_(), velocity, step)
+            a = sigma.fn(c)
+            residual = lsq_residual(c_next, a, next_layer)
+            continue
+        # sigma' * descent; at it = 0 with a 0/1 derivative it is descent itself
+        d_desc = descent if (it == 0 and sigma.binary_grad) else descent * d
+        J_desc = d_desc @ W.T  # first-order change of W sigma(c) along the descent direction
+        dd = _rowsq(descent)
+        alpha = dd.div_((_rowsq(J_desc) + dd).clamp_min_(1e-30)).mul_(step)
+        c_new = torch.addcmul(c, descent, alpha)
+        a_new = sigma.fn(c_new)
+        if sigma.piecewise_linear:
+            # W sigma(c_new) = W a + alpha J_desc + W corr, where corr is nonzero only on the
+            # few units whose code crossed 0: the exact new residual for the price of a
+            # product over those columns instead of a full matrix product
+            corr = (a_new - a).addcmul_(d_desc, alpha, value=-1.0)
+            crossed = corr.any(0).nonzero().squeeze(1)
+            if 4 * crossed.numel() < W.shape[1]:
+                residual = residual.addcmul(J_desc, alpha, value=-1.0)
+                if crossed.numel():
+                    residual.sub_(corr[:, crossed] @ W[:, crossed].T)
+            else:  # many units crossed: the full product is cheaper
+                residual = lsq_residual(c_next, a_new, next_layer)
+        else:
+            residual = lsq_residual(c_next, a_new, next_layer)
+        c, a = c_new, a_new
+    return c, a, residual
 
 
-def _take_step(c: Tensor, grad: Tensor, velocity: Tensor | None, step: float, curvature) -> Tensor:
-    if velocity is None:  # newton-diag
-        return c - (step * grad) / curvature()
-    # Nesterov momentum (as torch.optim.SGD(nesterov=True) with momentum 0.9)
+def _momentum_step(c: Tensor, grad: Tensor, velocity: Tensor, lr: float) -> Tensor:
+    """Nesterov momentum 0.9 (as torch.optim.SGD(nesterov=True)): the authors' code solver."""
     velocity.mul_(0.9).add_(grad)
-    return c - step * (grad + 0.9 * velocity)
+    return c - lr * (grad + 0.9 * velocity)
 
 
 def update_codes(
     enc: Encoding, y: Tensor, layers: Sequence[Layer], activations: Sequence[str], mu: float,
-    loss: str, *, iters_top: int, iters: int, solver: str = "newton-diag", step: float = 1.0,
-) -> tuple[list[Tensor], list[Tensor | None]]:
+    loss: str, *, iters_top: int, iters: int, solver: str = "linesearch", step: float = 1.0,
+    g_out_fwd: Tensor | None = None,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
     """Algorithm 2.2, updateCodes: solve (4) for c[L], then (5) for l = L-1, ..., 1.
 
-    Returns the new codes c[1..L] and, for each hidden layer l = 1..L, the residual
-    ``c[l] - W[l] sigma(c[l-1])`` at the new codes where a code solver already computed
-    it (``None`` for layer 1 and where it was not computed).
+    Returns the new codes c[1..L], their activations, and for each hidden layer
+    l = 1..L the residual ``c[l] - W[l] sigma(c[l-1]) - b[l]`` at the new codes where a code
+    solver already computed it (``None`` for layer 1: the caller has it for free).
     """
     L = len(enc.codes)
     codes: list[Tensor] = [None] * L  # type: ignore[list-item]
+    acts: list[Tensor] = [None] * L  # type: ignore[list-item]
     residuals: list[Tensor | None] = [None] * L
-    codes[L - 1] = solve_top_code(enc.codes[L - 1], y, layers[L], activations[L - 1], mu, loss,
-                                  iters=iters_top, solver=solver, step=step)
+    codes[L - 1], acts[L - 1] = solve_top_code(
+        enc.codes[L - 1], y, layers[L], activations[L - 1], mu, loss,
+        iters=iters_top, solver=solver, step=step, a_fwd=enc.acts[L], g_out_fwd=g_out_fwd)
     for l in range(L - 2, -1, -1):
-        codes[l], res = solve_hidden_code(enc.codes[l], codes[l + 1], enc.codes[l + 1], layers[l + 1],
-                                          activations[l], mu, iters=iters, solver=solver, step=step)
-        residuals[l + 1] = res
-    return codes, residuals
+        codes[l], acts[l], residuals[l + 1] = solve_hidden_code(
+            enc.codes[l], codes[l + 1], enc.codes[l + 1], layers[l + 1], activations[l], mu,
+            iters=iters, solver=solver, step=step, a_fwd=enc.acts[l + 1])
+    return codes, acts, residuals
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,8 +313,14 @@ def output_grad(a_top: Tensor, y: Tensor, out_layer: Layer, loss: str) -> tuple[
     Returns (grad_weight, grad_bias, per-sample loss).
     """
     per_sample, g = output_loss_grad(_linear(a_top, out_layer), y, loss)
-    g = g / a_top.shape[0]
+    g.div_(a_top.shape[0])
     return g.T @ a_top, (g.sum(0) if out_layer.bias is not None else None), per_sample
+
+
+def lsq_residual(c: Tensor, a_in: Tensor, layer: Layer) -> Tensor:
+    """c - W a - b: the residual of eq. (6) for one layer."""
+    r = torch.addmm(c, a_in, layer.weight.T, alpha=-1.0)
+    return r.sub_(layer.bias) if layer.bias is not None else r
 
 
 def local_lsq_grad(a_in: Tensor, residual: Tensor, mu: float, has_bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -266,7 +329,7 @@ def local_lsq_grad(a_in: Tensor, residual: Tensor, mu: float, has_bias: bool) ->
     ``residual`` is ``c - W a - b`` at the new codes; the gradient is -2 mu/B r^T a.
     """
     scale = -2.0 * mu / a_in.shape[0]
-    g_w = (residual.T @ a_in).mul_(scale)
+    g_w = torch.addmm(a_in.new_empty(()), residual.T, a_in, beta=0.0, alpha=scale)
     return g_w, (residual.sum(0).mul_(scale) if has_bias else None)
 
 

@@ -310,24 +310,32 @@ class AMLearner(Learner):
         for p in self.model.parameters():
             p.requires_grad_(False)
         layers = self.model.layers
-        self.out_opt = self._make_optimizer(list(layers[-1].parameters()), config.out_optimizer, config.lr_out)
-        self.hidden_opt = None
+        out_params = list(layers[-1].parameters())
+        hidden_params = [p for m in layers[:-1] for p in m.parameters()]
         self.memories: list[tuple[Tensor, Tensor]] = []
+        self.opt = None      # AM-Adam: hidden layers (and the output layer when it uses Adam)
+        self.out_opt = None  # the output layer's own optimizer otherwise
         if config.uses_memory:
             for m in layers[:-1]:
                 n_in = m.in_features + (1 if config.bias else 0)
                 self.memories.append((torch.zeros(n_in, n_in, device=self.device),
                                       torch.zeros(m.out_features, n_in, device=self.device)))
-        elif len(layers) > 1:
-            # one Adam per hidden layer; held as param groups of one optimizer, which is the
-            # same arithmetic (Adam is elementwise) with a single fused kernel call
-            params = [p for m in layers[:-1] for p in m.parameters()]
-            self.hidden_opt = self._make_optimizer(params, "adam", config.lr)
+        elif hidden_params:
+            # one Adam per hidden layer, held as param groups of one optimizer: the same
+            # arithmetic (Adam is elementwise, each layer sees only its own gradients) in a
+            # single fused kernel call
+            self.opt = self._make_optimizer(hidden_params, "adam", config.lr)
+        if self.opt is not None and config.out_optimizer == "adam":
+            self.opt.add_param_group({"params": out_params, "lr": config.lr_out, "base_lr": config.lr_out})
+        else:
+            self.out_opt = self._make_optimizer(out_params, config.out_optimizer, config.lr_out)
 
     def _optimizers(self):
-        opts = {"out": self.out_opt}
-        if self.hidden_opt is not None:
-            opts["hidden"] = self.hidden_opt
+        opts = {}
+        if self.opt is not None:
+            opts["adam"] = self.opt
+        if self.out_opt is not None:
+            opts["out"] = self.out_opt
         return opts
 
     @torch.no_grad()
@@ -341,7 +349,7 @@ class AMLearner(Learner):
 
         # Algorithm 2.1, line 3: encodeInput (forward pass; the codes are the pre-activations)
         enc = F.encode_input(x, layers, acts)
-        loss_before, _ = F.output_loss_grad(enc.out, y, c.loss)
+        loss_before, g_out = F.output_loss_grad(enc.out, y, c.loss)
         update = Update(float(loss_before.mean()), enc.out)
         if not enc.codes:  # no hidden layer: only the output layer learns
             self._step_output(x, y, layers[-1])
@@ -349,38 +357,43 @@ class AMLearner(Learner):
             return update
 
         # line 4: updateCodes, top-down: problem (4) for c[L], problem (5) for l = L-1..1
-        codes, residuals = F.update_codes(enc, y, layers, acts, mu, c.loss, iters_top=c.code_iters_top,
-                                          iters=c.code_iters, solver=c.code_solver, step=c.code_step)
+        codes, acts_new, residuals = F.update_codes(
+            enc, y, layers, acts, mu, c.loss, iters_top=c.code_iters_top, iters=c.code_iters,
+            solver=c.code_solver, step=c.code_step, g_out_fwd=g_out)
 
         # line 5: updateWeights (Algorithm 2.3); layer inputs are the activations of the new codes
-        a_in = [x] + [F.ACTIVATIONS[name].fn(code) for name, code in zip(acts, codes)]
-        self._step_output(a_in[-1], y, layers[-1])                                  # line 1
-        if c.uses_memory:                                                            # lines 3-5
-            for l, (A, B) in enumerate(self.memories):
-                a_aug = F.augment(a_in[l], c.bias)
-                F.update_memory(A, B, a_aug, codes[l], c.mem_decay)
+        a_in = [x] + acts_new
+        if c.uses_memory:
+            self._step_output(a_in[-1], y, layers[-1])                               # line 1
+            for l, (A, B) in enumerate(self.memories):                               # lines 3-5
+                F.update_memory(A, B, F.augment(a_in[l], c.bias), codes[l], c.mem_decay)
                 self._fit_memory(self.model.layers[l], A, B)
-        else:                                                                        # lines 8-10
+        else:                                                                        # lines 1, 8-10
             residuals[0] = codes[0] - enc.codes[0]  # W[1] x + b[1] is the forward code
             for it in range(c.weight_iters):
                 for l, layer in enumerate(layers[:-1]):
-                    r = residuals[l] if it == 0 and residuals[l] is not None else \
-                        codes[l] - F._linear(a_in[l], layer)
+                    r = residuals[l] if it == 0 else F.lsq_residual(codes[l], a_in[l], layer)
                     layer.weight.grad, g_b = F.local_lsq_grad(a_in[l], r, mu, layer.bias is not None)
                     if layer.bias is not None:
                         layer.bias.grad = g_b
-                self.hidden_opt.step()
+                self._output_grads(a_in[-1], y, layers[-1])
+                self.opt.step()
+                if self.out_opt is not None:
+                    self.out_opt.step()
         self._count(x.shape[0])
         return update
+
+    def _output_grads(self, a_top: Tensor, y: Tensor, out_layer: F.Layer) -> None:
+        g_w, g_b, _ = F.output_grad(a_top, y, out_layer, self.config.loss)
+        out_layer.weight.grad = g_w
+        if out_layer.bias is not None:
+            out_layer.bias.grad = g_b
 
     def _step_output(self, a_top: Tensor, y: Tensor, out_layer: F.Layer) -> None:
         """Algorithm 2.3, line 1: W[L+1] <- W[L+1] - eta grad L(y, sigma(c[L]), W[L+1])."""
         for _ in range(self.config.weight_iters):
-            g_w, g_b, _ = F.output_grad(a_top, y, out_layer, self.config.loss)
-            out_layer.weight.grad = g_w
-            if out_layer.bias is not None:
-                out_layer.bias.grad = g_b
-            self.out_opt.step()
+            self._output_grads(a_top, y, out_layer)
+            (self.out_opt or self.opt).step()
 
     def _fit_memory(self, layer: nn.Linear, A: Tensor, B: Tensor) -> None:
         """W[l] = argmin Tr(W^T W A) - 2 Tr(W^T B), approximately, by BCD (line 5)."""
@@ -445,13 +458,14 @@ class BackpropLearner(Learner):
     def learn(self, x, y) -> Update:
         x, y = self._as_xy(x, y)
         self._set_lr()
-        out = self.model(x)
-        if self.config.loss == "ce":
-            loss = nn.functional.cross_entropy(out, y)
-        else:
-            loss = 0.5 * (out - y).pow(2).sum(1).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # callers may hold torch.no_grad()
+            out = self.model(x)
+            if self.config.loss == "ce":
+                loss = nn.functional.cross_entropy(out, y)
+            else:
+                loss = 0.5 * (out - y).pow(2).sum(1).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         self.opt.step()
         self._count(x.shape[0])
         return Update(float(loss.detach()), out.detach())
