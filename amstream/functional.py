@@ -155,7 +155,11 @@ _LOSS_CURVATURE = {"ce": 0.5, "mse": 1.0}
 def top_code_objective(c, c_fwd, y, out_layer: Layer, act: str, mu: float, loss: str) -> Tensor:
     """Problem (4), summed over the minibatch: L(y, sigma(c), W[L+1]) + mu ||c - c_fwd||^2."""
     out = _linear(ACTIVATIONS[act].fn(c), out_layer)
-    return output_loss_grad(out, y, loss)[0].sum() + mu * (c - c_fwd).pow(2).sum()
+    if loss == "ce":
+        value = torch.nn.functional.cross_entropy(out, y, reduction="sum")
+    else:
+        value = 0.5 * (out - y.view(out.shape)).pow(2).sum()
+    return value + mu * (c - c_fwd).pow(2).sum()
 
 
 def hidden_code_objective(c, c_fwd, c_next, next_layer: Layer, act: str, mu: float) -> Tensor:
