@@ -16,11 +16,11 @@ The algorithm itself is in :mod:`amstream.functional`; the classes here only hol
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -286,9 +286,7 @@ class Learner(abc.ABC):
         self.n_samples += n
 
 
-def _fields(cfg):
-    import dataclasses
-
+def _fields(cfg: AMConfig) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cfg) if f.compare]
 
 
@@ -491,6 +489,3 @@ def learner_from_state(state: dict[str, Any], *, device: str | torch.device = "c
     learner.load_state_dict(state)
     return learner
 
-
-def to_numpy(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -65,6 +65,9 @@ def run_one(data, arch, method, seed, *, epochs, minibatches, batch_size, device
             mb_curve.append((event.minibatch, event.test["accuracy"]))
         elif event.kind == "epoch":
             ep_curve.append((event.epoch, event.test["accuracy"], event.seconds))
+            if epochs > 1:
+                print(f"  {method} seed {seed} epoch {event.epoch}: test accuracy {event.test['accuracy']:.4f}",
+                      flush=True)
     return mb_curve, ep_curve
 
 
@@ -78,6 +81,8 @@ def plot(rows_mb, rows_ep, archs, out: Path) -> None:
         ("figure1", rows_mb, "minibatch", "minibatches of 200", ONLINE),
         ("figure2", rows_ep, "epoch", "epochs", list(METHODS)),
     ):
+        if not rows:
+            continue
         fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.2), squeeze=False)
         for ax, arch in zip(axes[0], archs):
             for method in methods:
@@ -126,6 +131,26 @@ def summarize(rows_mb, rows_ep, archs, seeds, marks) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(out: Path, rows_mb, rows_ep, args, device_name, wall, n_test):
+    """CSV, plots and summary of the runs so far (rewritten after every run)."""
+    for name, rows in (("minibatch_curves.csv", rows_mb), ("epoch_curves.csv", rows_ep)):
+        if rows:
+            with open(out / name, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+    plot(rows_mb, rows_ep, args.archs, out)
+    marks = [m for m in (10, 50, 100) if m <= args.minibatches]
+    seeds = sorted({r["seed"] for r in rows_ep})
+    table = summarize(rows_mb, rows_ep, args.archs, seeds, marks)
+    header = (f"MNIST, batch {args.batch_size}, {args.epochs} epochs, seeds {seeds}, threads "
+              f"{torch.get_num_threads()}, device {device_name}, test samples {min(args.test_limit, n_test):,}, "
+              f"learning rates halved every {args.decay_epochs} epochs, wall {wall:.0f} s.\n"
+              f"Hyperparameters: {json.dumps({m: METHODS[m] for m in args.methods})}\n\n")
+    (out / "summary.md").write_text(header + table + "\n")
+    return header, table
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["784-100-100-10", "784-500-500-10"])
@@ -170,21 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"{arch_s} {method:12s} seed {seed}: " +  # noqa: E501
                    (f"mb10 {mb[9][1]:.4f} mb50 {mb[49][1]:.4f} " if len(mb) >= 50 else "") +
                    f"final {ep[-1][1]:.4f} ({ep[-1][2]:.0f} s)")
-
-    for name, rows in (("minibatch_curves.csv", rows_mb), ("epoch_curves.csv", rows_ep)):
-        if rows:
-            with open(out / name, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-    plot(rows_mb, rows_ep, args.archs, out)
-    marks = [m for m in (10, 50, 100) if m <= args.minibatches]
-    table = summarize(rows_mb, rows_ep, args.archs, args.seeds, marks)
-    header = (f"MNIST, batch {args.batch_size}, {args.epochs} epochs, seeds {args.seeds}, threads "
-              f"{torch.get_num_threads()}, device {device_name}, test samples "
-              f"{min(args.test_limit, len(data.x_test)):,}, wall {time.time() - t_start:.0f} s.\n"
-              f"Hyperparameters: {json.dumps(METHODS)}\n\n")
-    (out / "summary.md").write_text(header + table + "\n")
+        header, table = write_outputs(out, rows_mb, rows_ep, args, device_name, time.time() - t_start,
+                                      len(data.x_test))
     print(header + table)
     print(f"\nwrote {out}/figure1.png, figure2.png, summary.md, *.csv")
 
