@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointError",
     "DatasetError",
     "OffsetError",
+    "OffsetRewindError",
     "DecodeError",
 ]
 
@@ -29,6 +30,28 @@ class DatasetError(AmstreamError, FileNotFoundError):
 
 class OffsetError(AmstreamError, ValueError):
     """A stream offset went backwards or is otherwise inconsistent."""
+
+
+class OffsetRewindError(OffsetError):
+    """A partition restarted below the next offset already handed out, without a seek.
+
+    Raised by `KafkaSource.poll_batch` when the consumer reset a partition (for instance
+    after ``OffsetOutOfRange`` because the broker lost its data). Attributes: ``partition``
+    (``(topic, partition)``), ``offset`` (where it restarted), ``expected`` (the next offset
+    that was due).
+    """
+
+    def __init__(self, partition: tuple, offset: int, expected: int) -> None:
+        super().__init__(
+            f"offset of `{partition[0]}:{partition[1]}` went backwards: got `{offset}`, "
+            f"expected at least `{expected}`"
+        )
+        self.partition = partition
+        self.offset = offset
+        self.expected = expected
+
+    def __reduce__(self):  # picklable despite the custom signature
+        return (type(self), (self.partition, self.offset, self.expected))
 
 
 class DecodeError(AmstreamError, ValueError):

@@ -54,7 +54,7 @@ from amstream.connectors.records import (
     TopicPartition,
     check_offsets,
 )
-from amstream.exceptions import AmstreamError, ConfigError, OffsetError
+from amstream.exceptions import AmstreamError, ConfigError, OffsetError, OffsetRewindError
 
 with warnings.catch_warnings():
     # kafka-python 3.0.12 loads its protocol schemas with importlib.resources' deprecated
@@ -408,6 +408,7 @@ class KafkaSource:
             if not polled:
                 break
             wait = 0
+            self._check_not_backwards(polled)
             pending = self._pending  # the revoke hook may have filtered it during poll()
             advance = self._tracker.advance
             for ktp, msgs in polled.items():
@@ -424,6 +425,37 @@ class KafkaSource:
                 )
         out, self._pending = self._pending, []
         return out
+
+    def _check_not_backwards(self, polled: Mapping[Any, Sequence[Any]]) -> None:
+        """Raise `OffsetRewindError` *before* handing out anything when a partition restarts
+        below its next offset (the consumer reset it, e.g. after ``OffsetOutOfRange`` when a
+        broker lost its data). Every record of this `poll_batch` call is put back first (the
+        consumer is sought to the first of them), so nothing is lost: the caller accepts the
+        new position with ``seek({tp: error.offset})`` or insists on ``error.expected``."""
+        bad = None
+        for ktp, msgs in polled.items():
+            if msgs:
+                nxt = self._tracker.next_offset((ktp.topic, ktp.partition))
+                if nxt is not None and msgs[0].offset < nxt:
+                    bad = ((ktp.topic, ktp.partition), msgs[0].offset, nxt)
+                    break
+        if bad is None:
+            return
+        firsts: Dict[TopicPartition, int] = {}
+        for r in self._pending:
+            firsts.setdefault((r.topic, r.partition), r.offset)
+        for ktp, msgs in polled.items():
+            if msgs:
+                firsts.setdefault((ktp.topic, ktp.partition), msgs[0].offset)
+        consumer = self._consumer
+        assert consumer is not None
+        for tp, off in firsts.items():
+            consumer.seek(_ktp(tp), off)
+            if tp != bad[0]:
+                self._tracker.reset(tp, off)
+        self._pending = []
+        tp, got, expected = bad
+        raise OffsetRewindError(tp, got, expected)
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Make the next records of these partitions start at these (next) offsets.
@@ -502,11 +534,33 @@ class KafkaSource:
             out[tp] = None if hw is None or nxt is None else max(0, hw - nxt)
         return out
 
+    def highwater(self) -> Dict[TopicPartition, Optional[int]]:
+        """The high watermark (offset of the next record to be written) of each assigned
+        partition, from the last fetch; None until a fetch has reported it. A value below the
+        next offset to read means the partition lost data (a restarted in-memory broker, a
+        recreated topic): Tansu then answers fetches with nothing rather than OffsetOutOfRange."""
+        consumer = self.consumer
+        out: Dict[TopicPartition, Optional[int]] = {}
+        for tp in self._assigned:
+            try:
+                out[tp] = consumer.highwater(_ktp(tp))
+            except kerrors.IllegalStateError:
+                out[tp] = None
+        return out
+
     # ---- rebalance hooks (I/O thread) -------------------------------------------------------------
     async def _handle_revoke(self, partitions: List[TopicPartition], *, lost: bool) -> None:
         if not partitions:
             return
         gone = set(partitions)
+        # records fetched for these partitions but not handed out yet are dropped below: the
+        # snapshot a hook reads must not count them as delivered
+        firsts: Dict[TopicPartition, int] = {}
+        for r in self._pending:
+            if (r.topic, r.partition) in gone:
+                firsts.setdefault((r.topic, r.partition), r.offset)
+        for tp, off in firsts.items():
+            self._tracker.reset(tp, off)
         try:
             offsets: Optional[Mapping[TopicPartition, int]] = None
             if self.on_revoke is not None:

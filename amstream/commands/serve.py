@@ -1,0 +1,355 @@
+"""`amstream serve`: learn from a Kafka topic (or a file), test-then-train, exactly once.
+
+Each minibatch is predicted before it is learned (prequential score), then learned with one
+update. The learner state and the offsets are checkpointed together, atomically; a restart
+resumes from the newest valid checkpoint, so every sample is learned exactly once even after
+``kill -9``. SIGTERM / Ctrl-C finish the minibatch, checkpoint, commit and exit 0.
+
+Examples::
+
+    amstream broker --port 9092 &                       # or any Kafka cluster
+    amstream produce --dataset mnist --topic samples --bootstrap-servers localhost:9092 --codec binary
+    amstream serve --topic samples --bootstrap-servers localhost:9092 --group-id mnist \\
+        --dataset mnist --arch 784-256-256-10 --batch-size 64 --checkpoint-dir runs/serve \\
+        --metrics-port 9100 --dead-letter-topic samples.dlq --idle-exit 30 --json
+
+    # the same loop on a file, resumable:
+    amstream serve --source covtype.csv --n-classes 7 --checkpoint-dir runs/covtype
+
+Messages are JSON ``{"x": [...], "y": 3}`` or the binary codec (see README "Message formats");
+``--codec auto`` (default) takes both. A restart needs only ``--checkpoint-dir`` and the input
+flags: the model comes from the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+
+from amstream.commands import common
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="learn from a Kafka topic or a file, exactly once, with checkpoints",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--topic", action="append", default=[], metavar="NAME",
+                   help="Kafka topic to learn from (repeatable, or comma-separated)")
+    g.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT")
+    g.add_argument("--group-id", default="amstream", help="consumer group (default amstream)")
+    g.add_argument("--source", default=None, metavar="PATH",
+                   help="learn from a .csv/.tsv/.jsonl/.npz file instead of Kafka")
+    g.add_argument("--label-column", default="-1",
+                   help="CSV: the label's column, an index or a header name (default: the last)")
+    g.add_argument("--codec", default="auto", choices=("auto", "json", "binary"),
+                   help="Kafka message format; auto accepts JSON and binary (default)")
+    g.add_argument("--max-message-bytes", type=int, default=1 << 20,
+                   help="longer messages are rejected as oversize (default 1 MiB)")
+    g.add_argument("--consumer-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="kafka-python consumer setting (repeatable), e.g. session_timeout_ms=10000")
+    g.add_argument("--absent-partitions", default="committed", choices=("committed", "earliest"),
+                   help="where partitions not in the checkpoint start: the group's committed offset "
+                        "(else the beginning; default), or always the beginning")
+    s = p.add_argument_group("data sizes (not needed when resuming from a checkpoint)")
+    s.add_argument("--dataset", default=None, help="take the sizes from a known dataset (e.g. mnist, covertype)")
+    s.add_argument("--n-features", type=int, default=None)
+    s.add_argument("--n-classes", type=int, default=None, help="classes (labels are 0..n-1)")
+    s.add_argument("--task", default="classification", choices=("classification", "regression"))
+    common.add_model_args(p)
+    lp = p.add_argument_group("loop")
+    lp.add_argument("--batch-size", type=int, default=64, help="samples per minibatch (one update each)")
+    lp.add_argument("--max-samples", type=int, default=None, help="stop after learning this many samples in this run")
+    lp.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds")
+    lp.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                    help="stop when no record arrived for this long (default: run forever)")
+    lp.add_argument("--flush-after", type=float, default=2.0, metavar="SECONDS",
+                    help="learn a partial minibatch once caught up and idle this long (default 2)")
+    lp.add_argument("--window", type=int, default=1000, help="samples in the windowed prequential score")
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-dir", default=None, help="checkpoints (state + offsets); resume from here")
+    c.add_argument("--checkpoint-every-batches", type=int, default=100)
+    c.add_argument("--checkpoint-every-seconds", type=float, default=30.0)
+    c.add_argument("--keep-checkpoints", type=int, default=3)
+    o = p.add_argument_group("outputs")
+    o.add_argument("--predictions-topic", default=None, help="write one JSON prediction per sample here")
+    o.add_argument("--dead-letter-topic", default=None, help="write rejected messages here, with the reason")
+    o.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port)")
+    o.add_argument("--metrics-host", default="0.0.0.0")
+    o.add_argument("--log-every", type=float, default=10.0, metavar="SECONDS", help="progress log period")
+    o.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    common.add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def setup_logging(level: str = "info") -> None:
+    """Log lines to stderr; kafka-python's own loggers only from WARNING (ERROR unless debugging)."""
+    import logging
+
+    import sys
+
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever `sys.stderr` is when a record is logged (not when it was made)."""
+
+        _amstream = True
+
+        @property  # type: ignore[override]
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
+    lvl = getattr(logging, level.upper())
+    root = logging.getLogger()
+    if not any(getattr(h, "_amstream", False) for h in root.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(lvl)
+    kafka = logging.getLogger("kafka")
+    kafka.setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.ERROR)
+    if lvl > logging.DEBUG and not any(isinstance(f, _Throttle) for f in kafka.filters):
+        kafka.addFilter(_Throttle())
+
+
+class _Throttle:
+    """Lets each kafka-python message template through once a minute: a lost broker makes the
+    client log the same connection errors many times a second (serve logs its own summary)."""
+
+    def __init__(self, period_s: float = 60.0) -> None:
+        self.period_s = period_s
+        self.last: dict = {}
+
+    def filter(self, record) -> bool:
+        import re
+        import time
+
+        key = (record.name, re.sub(r"[\d<>\[\]().:_-]+|node_id=\S+", "", record.getMessage())[:80])
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.period_s:
+            return False
+        self.last[key] = now
+        return True
+
+
+def parse_settings(pairs: list[str], flag: str) -> dict:
+    import json
+
+    from amstream.exceptions import ConfigError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"`{flag}` takes KEY=VALUE, got `{pair}`")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def tcp_health_check(bootstrap_servers: str):
+    """A health check for `ServeLoop`: None when a bootstrap server accepts TCP connections."""
+    import socket
+
+    def check():
+        errors = []
+        for server in bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]") or "localhost", int(port or 9092)), timeout=1.0).close()
+                return None
+            except (OSError, ValueError) as exc:
+                errors.append(f"{server.strip()}: {exc}")
+        return f"Kafka broker unreachable ({'; '.join(errors)})"
+
+    return check
+
+
+def _sizes(args: argparse.Namespace):
+    """(n_features or None, n_classes or None) from --dataset / --n-features / --n-classes."""
+    from amstream.exceptions import ConfigError
+
+    n_features, n_classes = args.n_features, args.n_classes
+    if args.dataset:
+        from amstream.datasets import DATASETS
+
+        spec = DATASETS.get(args.dataset.replace("-", "_").lower())
+        if spec is None:
+            from amstream.datasets import load_dataset
+
+            data = load_dataset(args.dataset, limit=10)
+            nf, nc = data.n_features, data.n_classes
+        else:
+            nf, nc = spec.n_features, spec.n_classes
+        if n_features is not None and n_features != nf:
+            raise ConfigError(f"`--n-features {n_features}` contradicts `--dataset {args.dataset}` ({nf} features)")
+        n_features = nf
+        n_classes = n_classes if n_classes is not None else nc
+        if nc is None:
+            args.task = "regression"
+    if args.task == "classification" and n_classes is not None and n_classes < 1:
+        raise ConfigError(f"`--n-classes` must be >= 1, got `{n_classes}`")
+    return n_features, n_classes
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import sys
+
+    from amstream.checkpoint import CheckpointManager
+    from amstream.exceptions import ConfigError
+    from amstream.learner import make_learner
+    from amstream.stream import ServeLoop, load_serve_checkpoint
+
+    setup_logging(args.log_level)
+    log = logging.getLogger("amstream.serve")
+    device = common.setup_runtime(args)
+    topics = [t.strip() for item in args.topic for t in item.split(",") if t.strip()]
+    if bool(topics) == bool(args.source):
+        raise ConfigError("give `--topic` (Kafka) or `--source PATH` (a file), not both and not neither")
+    n_features, n_classes = _sizes(args)
+
+    # 1. the learner: from the checkpoint when there is one, else from the flags
+    restored = load_serve_checkpoint(args.checkpoint_dir, device=device) if args.checkpoint_dir else None
+    source = None
+    if args.source:
+        from amstream.connectors.files import FileSource
+
+        label = args.label_column
+        label_column = None if label.lower() == "none" else (int(label) if label.lstrip("-").isdigit() else label)
+        source = FileSource(args.source, n_features=restored[0].n_inputs if restored else n_features,
+                            n_classes=(restored[0].n_outputs if restored else n_classes)
+                            if args.task == "classification" else None,
+                            label_column=label_column, max_bytes=args.max_message_bytes)
+        if n_features is None:
+            n_features = source.codec.n_features
+    if restored is not None:
+        learner, state, meta = restored
+        if n_features is not None and n_features != learner.n_inputs:
+            raise ConfigError(f"the checkpoint in `{args.checkpoint_dir}` is for `{learner.n_inputs}` features, "
+                              f"the data has `{n_features}`")
+        log.info("resuming %s %s from `%s` (%s samples learned)", learner.config.algo,
+                 learner.config.arch_string(), args.checkpoint_dir,
+                 f"{int(state['counters']['learned_samples']):,}")
+    else:
+        state = None
+        if n_features is None or (args.task == "classification" and n_classes is None):
+            raise ConfigError("the stream's sizes are unknown: give `--dataset NAME`, or `--n-features` and "
+                              "`--n-classes` (or resume from a `--checkpoint-dir` that holds a checkpoint)")
+        config = common.config_from_args(args, n_inputs=n_features,
+                                         n_outputs=n_classes if args.task == "classification" else 1,
+                                         loss="ce" if args.task == "classification" else "mse")
+        learner = make_learner(config, device=device)
+    classes = learner.n_outputs if learner.config.loss == "ce" else None
+
+    # 2. codec, sinks, metrics
+    producer = predictions = dead_letters = None
+    if source is not None:
+        codec = source.codec
+        if args.predictions_topic or args.dead_letter_topic:
+            raise ConfigError("`--predictions-topic` and `--dead-letter-topic` need Kafka (`--topic`)")
+    else:
+        from amstream.connectors.codec import make_codec
+
+        codec = make_codec(args.codec, learner.n_inputs, classes, max_bytes=args.max_message_bytes)
+    metrics = server = None
+    if args.metrics_port is not None:
+        from amstream.metrics import MetricsRegistry, MetricsServer
+
+        metrics = MetricsRegistry()
+        server = MetricsServer(metrics, port=args.metrics_port, host=args.metrics_host).start()
+        log.info("metrics at http://%s:%d/metrics", args.metrics_host, server.port)
+    if topics and (args.predictions_topic or args.dead_letter_topic):
+        from amstream.connectors.kafka import DeadLetterSink, KafkaSink, create_topic, make_producer
+
+        producer = make_producer(args.bootstrap_servers, connect_attempts=60, connect_backoff_s=1.0)
+        for name in (args.predictions_topic, args.dead_letter_topic):
+            if name:
+                create_topic(name, partitions=1, bootstrap_servers=args.bootstrap_servers)
+        if args.predictions_topic:
+            predictions = KafkaSink(args.predictions_topic, bootstrap_servers=args.bootstrap_servers, producer=producer)
+        if args.dead_letter_topic:
+            dead_letters = DeadLetterSink(args.dead_letter_topic, bootstrap_servers=args.bootstrap_servers,
+                                          producer=producer)
+
+    loop = ServeLoop(
+        learner, codec, batch_size=args.batch_size,
+        checkpoints=CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints) if args.checkpoint_dir else None,
+        resume=state, checkpoint_every_batches=args.checkpoint_every_batches,
+        checkpoint_every_seconds=args.checkpoint_every_seconds, predictions=predictions,
+        dead_letters=dead_letters, metrics=metrics, window=args.window, max_samples=args.max_samples,
+        max_seconds=args.max_seconds, idle_exit_s=args.idle_exit, flush_after_s=args.flush_after,
+        absent_partitions=args.absent_partitions, log_every_s=args.log_every or None,
+        health_check=tcp_health_check(args.bootstrap_servers) if topics else None,
+    )
+    if not args.checkpoint_dir:
+        log.warning("no `--checkpoint-dir`: the model is not saved, and a restart starts a new one")
+
+    # 3. the source
+    if source is None:
+        from amstream.connectors.kafka import KafkaSource
+
+        source = KafkaSource(topics, bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
+                             on_assign=loop.on_assign, on_revoke=loop.on_revoke,
+                             consumer_config=parse_settings(args.consumer_config, "--consumer-config"),
+                             connect_attempts=1, bootstrap_timeout_ms=5000)
+    log.info("serving %s %s (%s) from %s, batch %d, seed %d, device %s, threads %d",
+             learner.config.algo, learner.config.arch_string(), type(codec).__name__,
+             args.source or f"{','.join(topics)} @ {args.bootstrap_servers} (group {args.group_id})",
+             args.batch_size, learner.config.seed, device, args.threads)
+
+    # 4. signals: the first SIGTERM/SIGINT stops after the minibatch; a second SIGINT interrupts
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if loop.stopping and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.info("%s: finishing the minibatch, checkpointing, committing", name)
+        loop.request_stop(name)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    bar = None
+    try:
+        if common.show_progress(args):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=args.max_samples, unit="sample", desc="serve", dynamic_ncols=True,
+                       initial=0, smoothing=0.1)
+
+            def on_step(ev):
+                bar.update(ev["batch"])
+                if ev["model_step"] % 10 == 0:
+                    bar.set_postfix(acc=f"{ev['window_accuracy']:.3f}", bad=ev["bad_messages"], refresh=False)
+
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                result = loop.run(source, on_step=on_step)
+        else:
+            result = loop.run(source)
+    finally:
+        if bar is not None:
+            bar.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sink in (predictions, dead_letters):
+            if sink is not None:
+                try:
+                    sink.flush(timeout_s=10)
+                except Exception as exc:
+                    log.error("sink flush at exit failed: %s", exc)
+        if producer is not None:
+            producer.close(timeout=10)
+        if server is not None:
+            server.stop()
+    result.update(algo=learner.config.algo, arch=learner.config.arch_string(), seed=learner.config.seed,
+                  device=str(device), threads=args.threads)
+    acc = result["prequential_accuracy"]
+    common.emit(args, result, human=(
+        f"learned {result['learned_samples_this_run']:,} samples in this run ({result['learned_samples']:,} in all, "
+        f"{result['samples_per_second']:,.0f}/s), prequential accuracy "
+        f"{'n/a' if acc is None else f'{acc:.4f}'}, {result['bad_messages']:,} bad messages"))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,196 @@
+"""The serve loop without a broker: file sources (CSV, JSONL, NPZ) resuming exactly, bad rows,
+the prequential score, sample-id checksums, metrics, and the CLI's errors."""
+from __future__ import annotations
+
+import doctest
+import json
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+import amstream.metrics
+import amstream.stream
+from amstream import AMConfig, make_learner
+from amstream.checkpoint import CheckpointManager
+from amstream.cli import main
+from amstream.connectors.codec import JsonCodec
+from amstream.connectors.files import FileSource
+from amstream.exceptions import ConfigError
+from amstream.metrics import MetricsRegistry, MetricsServer
+from amstream.stream import Prequential, ServeLoop, key_checksum, load_serve_checkpoint
+
+D, K, N, B = 12, 3, 700, 32
+RNG = np.random.default_rng(11)
+X = RNG.standard_normal((N, D)).astype(np.float32)
+Y = ((X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5)).astype(np.int64)
+
+
+def reference_model(x, y, *, batch_size=B, seed=1, hidden=(16,)):
+    """What an uninterrupted run learns: the same minibatches, in order, the last one partial."""
+    learner = make_learner(AMConfig(arch=(x.shape[1], *hidden, K), algo="am-adam", seed=seed))
+    for i in range(0, len(x), batch_size):
+        learner.learn(torch.from_numpy(x[i:i + batch_size]), torch.from_numpy(y[i:i + batch_size]))
+    return learner
+
+
+def assert_same_model(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def write(path, fmt, x=X, y=Y):
+    if fmt == "npz":
+        np.savez(path, X=x, y=y)
+    elif fmt == "csv":
+        lines = ["," .join([f"f{j}" for j in range(x.shape[1])] + ["label"])]
+        lines += [",".join(["%.9g" % v for v in row] + [str(int(t))]) for row, t in zip(x, y)]
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path.write_bytes(b"\n".join(JsonCodec(x.shape[1], K).encode_many(x, y)) + b"\n")
+    return path
+
+
+def serve_file(path, ckpt, capsys, *extra):
+    argv = ["serve", "--source", str(path), "--n-classes", str(K), "--arch", "16", "--batch-size", str(B),
+            "--checkpoint-dir", str(ckpt), "--checkpoint-every-batches", "4", "--log-every", "0", "--json", *extra]
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "npz"])
+def test_file_source_resumes_exactly(tmp_path, capsys, fmt):
+    path = write(tmp_path / f"data.{fmt}", fmt)
+    first = serve_file(path, tmp_path / "ck", capsys, "--max-samples", "300")
+    assert first["learned_samples"] == 320  # stops at the first minibatch boundary at or after 300
+    assert first["stop_reason"] == "max_samples=300 reached"
+    assert first["carry"] == first["records"] - 320  # taken but not learned: in the checkpoint
+    second = serve_file(path, tmp_path / "ck", capsys)
+    assert second["learned_samples"] == N and second["learned_samples_this_run"] == N - 320
+    assert second["offsets"] == {f"data.{fmt}:0": N} and second["stop_reason"] == "end of input"
+    assert second["key_checksum"] == key_checksum(f"data.{fmt}", np.zeros(N), np.arange(N), np.zeros(N))
+    learner, state, _ = load_serve_checkpoint(tmp_path / "ck")
+    assert_same_model(learner, reference_model(X, Y))
+    assert state["counters"]["learned_samples"] == N and not state["carry"]
+    # the prequential score of the two runs together is the uninterrupted one's
+    assert second["prequential_accuracy"] == pytest.approx(
+        serve_file(path, tmp_path / "ck2", capsys)["prequential_accuracy"], abs=1e-12)
+
+
+def test_bad_rows_are_counted_and_never_learned(tmp_path, capsys):
+    path = write(tmp_path / "d.csv", "csv", X[:100], Y[:100])
+    lines = path.read_text().splitlines()
+    bad = {3: "0.5,x" + "," * (D - 1) + "1", 10: ",".join(["1"] * D) + ",7", 20: ",".join(["nan"] * D) + ",1",
+           30: ",".join(["1"] * (D - 2)) + ",1"}
+    for row, text in bad.items():
+        lines.insert(row + 1, text)  # +1: the header
+    path.write_text("\n".join(lines) + "\n")
+    out = serve_file(path, tmp_path / "ck", capsys)
+    assert out["learned_samples"] == 100 and out["bad_messages"] == 4
+    assert out["bad_messages_by_reason"] == {"feature_count": 1, "label_out_of_range": 1, "non_finite": 1,
+                                             "non_numeric": 1}
+    assert out["offsets"] == {"d.csv:0": 104}
+    learner, _, _ = load_serve_checkpoint(tmp_path / "ck")
+    assert_same_model(learner, reference_model(X[:100], Y[:100]))
+
+
+def test_loop_on_a_file_in_process(tmp_path):
+    """The library API: build a learner and a source, run, resume with the checkpoint's state."""
+    path = write(tmp_path / "d.npz", "npz")
+    source = FileSource(path, n_classes=K)
+    loop = ServeLoop(make_learner(AMConfig(arch=(D, 16, K), seed=1)), source.codec, batch_size=B,
+                     checkpoints=CheckpointManager(tmp_path / "ck"), max_samples=200, log_every_s=None)
+    events = list(loop.steps(source))
+    assert [e["learned_samples"] for e in events] == [B * (i + 1) for i in range(7)]
+    assert all(0 <= e["window_accuracy"] <= 1 for e in events)
+    learner, state, meta = load_serve_checkpoint(tmp_path / "ck")
+    assert meta["reason"] == "shutdown" and state["offsets"] == {"d.npz:0": 2 * B * 4}  # polls of 2 minibatches
+    source = FileSource(path, n_classes=K)
+    summary = ServeLoop(learner, source.codec, batch_size=B, resume=state, log_every_s=None).run(source)
+    assert summary["learned_samples"] == N
+    assert_same_model(learner, reference_model(X, Y))
+
+
+def test_prequential_is_test_then_train():
+    """The loop scores each minibatch with the pre-update outputs, without a second forward pass."""
+    learner = make_learner(AMConfig(arch=(D, 16, K), seed=1))
+    before = learner.predict(torch.from_numpy(X[:B]))
+    update = learner.learn(torch.from_numpy(X[:B]), torch.from_numpy(Y[:B]))
+    assert torch.equal(update.outputs.argmax(1), before)
+    p = Prequential(window=64)
+    for i in range(10):
+        p.update(32, i, 1.0 * i)
+    assert p.n == 320 and p.correct == 45 and p.window_accuracy == pytest.approx((8 + 9) / 64)
+    p2 = Prequential()
+    p2.load_state_dict(p.state_dict())
+    assert (p2.n, p2.correct, p2.loss_sum) == (p.n, p.correct, p.loss_sum)
+
+
+def test_key_checksum_is_order_independent_and_exact():
+    parts = np.array([0, 1, 0, 2]), np.array([5, 5, 6, 1]), np.array([0, 0, 0, 3])
+    total = key_checksum("t", *parts)
+    order = np.array([3, 1, 0, 2])
+    assert key_checksum("t", *(a[order] for a in parts)) == total
+    assert (key_checksum("t", *(a[:2] for a in parts)) + key_checksum("t", *(a[2:] for a in parts))) % 2**64 == total
+    assert key_checksum("u", *parts) != total
+    assert key_checksum("t", parts[0], parts[1] + np.array([0, 0, 0, 1]), parts[2]) != total
+    assert 0 <= total < 2**64 and key_checksum("t", [], [], []) == 0
+
+
+def test_doctests():
+    for module in (amstream.stream, amstream.metrics):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0
+
+
+def test_metrics_endpoint_serves_prometheus_text():
+    m = MetricsRegistry()
+    m.describe("bad_messages_total", "counter", "Rejected samples by reason.")
+    m.inc("bad_messages_total", 2, reason="malformed")
+    m.set("prequential_accuracy", 0.5, window="total")
+    m.set("consumer_lag", float("nan"), topic='we"ird', partition=0)
+    with MetricsServer(m, port=0, host="127.0.0.1") as server:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/nope", timeout=5)
+    assert "# TYPE amstream_bad_messages_total counter" in body
+    assert 'amstream_bad_messages_total{reason="malformed"} 2' in body
+    assert 'amstream_prequential_accuracy{window="total"} 0.5' in body
+    assert 'amstream_consumer_lag{partition="0",topic="we\\"ird"} NaN' in body
+
+
+def test_serve_needs_sizes_or_a_checkpoint(tmp_path, capsys):
+    assert main(["serve", "--topic", "t", "--bootstrap-servers", "127.0.0.1:1"]) == 1
+    assert "give `--dataset NAME`, or `--n-features` and `--n-classes`" in capsys.readouterr().err
+    assert main(["serve", "--topic", "t", "--source", "x.csv"]) == 1
+    assert "give `--topic` (Kafka) or `--source PATH`" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=re.escape("`batch_size` must be an int >= 1, got `0`")):
+        ServeLoop(make_learner(AMConfig(arch=(D, K))), JsonCodec(D, K), batch_size=0)
+    with pytest.raises(ConfigError, match=re.escape("the codec expects `5` features, the learner `12`")):
+        ServeLoop(make_learner(AMConfig(arch=(D, K))), JsonCodec(5, K))
+
+
+def test_dataset_sizes_and_resume_without_model_flags(tmp_path, capsys):
+    """`--dataset` gives the sizes; a restart needs only the checkpoint directory."""
+    x, y = X[:64, :9], Y[:64] % 2
+    path = write(tmp_path / "p.npz", "npz", x, y)
+    argv = ["serve", "--source", str(path), "--dataset", "phishing", "--batch-size", "16", "--log-every", "0",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--json"]
+    assert main(argv + ["--max-samples", "16"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["arch"] == "9-100-100-2"
+    assert main(["serve", "--source", str(path), "--checkpoint-dir", str(tmp_path / "ck"), "--json",
+                 "--batch-size", "16", "--log-every", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["learned_samples"] == 64
+
+
+def test_prefetching_thread_on_a_file_gives_the_same_model(tmp_path):
+    path = write(tmp_path / "d.npz", "npz")
+    source = FileSource(path, n_classes=K)
+    learner = make_learner(AMConfig(arch=(D, 16, K), seed=1))
+    summary = ServeLoop(learner, source.codec, batch_size=B, prefetch=True, log_every_s=None).run(source)
+    assert summary["learned_samples"] == N and summary["stop_reason"] == "end of input"
+    assert_same_model(learner, reference_model(X, Y))
