@@ -109,9 +109,9 @@ def summarize(rows_mb, rows_ep, archs, seeds, marks) -> str:
     def stat(values):
         return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
-    lines = ["| arch | method | " + " | ".join(f"acc @ mb {m}" for m in marks)
-             + " | final epoch acc | best epoch acc | train s/epoch |",
-             "|---|---|" + "---|" * (len(marks) + 3)]
+    columns = ["arch", "method"] + [f"acc @ mb {m}" for m in marks] + ["final epoch acc", "best epoch acc",
+                                                                       "train s/epoch"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for arch in archs:
         for method in METHODS:
             ep = [r for r in rows_ep if r["arch"] == arch and r["method"] == method]
@@ -126,8 +126,8 @@ def summarize(rows_mb, rows_ep, archs, seeds, marks) -> str:
             final = [r["test_accuracy"] for r in ep if r["epoch"] == last_epoch]
             best = [max(r["test_accuracy"] for r in ep if r["seed"] == s) for s in seeds]
             secs = [r["train_seconds"] / r["epoch"] for r in ep if r["epoch"] == last_epoch]
-            lines.append(f"| {arch} | {method} | " + " | ".join(cells)
-                         + f" | {stat(final)} | {stat(best)} | {np.mean(secs):.1f} |")
+            cells += [stat(final), stat(best), f"{np.mean(secs):.1f}"]
+            lines.append(f"| {arch} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
