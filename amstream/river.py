@@ -1,0 +1,734 @@
+"""River estimators trained by online alternating minimization (AM-Adam, AM-mem).
+
+``AMClassifier`` and ``AMRegressor`` *are* River estimators (``MiniBatchClassifier`` /
+``MiniBatchRegressor``): they take dicts of features, work in pipelines and with
+``evaluate.progressive_val_score``, and pass ``river.checks``. Underneath, one
+:class:`amstream.learner.AMLearner` takes one AM update per internal minibatch.
+
+How a sample travels::
+
+    learn_one(x, y)
+    ├── new feature names get the next columns (sorted within a sample), the input layer grows
+    ├── a new label gets the next output, the output layer grows (classifier)
+    ├── the row is written into a preallocated minibatch buffer (missing features are 0)
+    └── buffer full (see ``batch_size`` and ``warmup``) -> one AM update on it, buffer cleared
+
+    predict_one(x) / predict_proba_one(x)
+    └── forward pass in float64 NumPy with the current weights (unknown features are ignored)
+
+``learn_many`` writes its rows into the same buffer and updates at the same points, so it
+leaves the model exactly as the equivalent ``learn_one`` loop does.
+
+River is imported here and nowhere else in amstream: ``import amstream`` does not import it.
+"""
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import torch
+from river import base
+
+from amstream.config import AMConfig
+from amstream.exceptions import CheckpointError, ConfigError
+from amstream.learner import Learner, learner_from_state, make_learner
+
+__all__ = ["AMClassifier", "AMRegressor"]
+
+STATE_VERSION = 1
+
+# AMConfig fields that the estimators set themselves: not allowed in ``config``
+_OWN_FIELDS = ("arch", "activation", "algo", "loss", "lr", "lr_out", "mu", "mem_decay", "seed")
+
+
+# The engine's activations (amstream.functional.ACTIVATIONS) in NumPy, for predictions;
+# each may overwrite its argument
+def _relu(c: np.ndarray) -> np.ndarray:
+    return np.maximum(c, 0.0, out=c)
+
+
+def _leaky_relu(c: np.ndarray) -> np.ndarray:
+    return np.where(c > 0, c, 0.01 * c)
+
+
+def _tanh(c: np.ndarray) -> np.ndarray:
+    return np.tanh(c, out=c)
+
+
+def _sigmoid(c: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -c))
+
+
+def _identity(c: np.ndarray) -> np.ndarray:
+    return c
+
+
+def _sign(c: np.ndarray) -> np.ndarray:
+    return np.where(c >= 0, 1.0, -1.0)  # sign(0) = +1, as in the engine
+
+
+_NP_ACTIVATIONS = {"relu": _relu, "leaky_relu": _leaky_relu, "tanh": _tanh, "sigmoid": _sigmoid,
+                   "identity": _identity, "sign": _sign}
+
+
+def _values(x: dict, dtype) -> np.ndarray:
+    """The values of x as an array (None is missing: NaN); TypeError for non-numbers."""
+    try:
+        return np.fromiter(x.values(), dtype, len(x))
+    except (TypeError, ValueError):
+        pass
+    try:
+        return np.array([np.nan if v is None else v for v in x.values()], dtype=dtype)
+    except (TypeError, ValueError):
+        bad = {k: v for k, v in x.items() if not isinstance(v, (int, float, np.number, type(None)))}
+        raise TypeError("features must be numbers (encode categories first, e.g. with "
+                        f"`preprocessing.OneHotEncoder`); got {bad}") from None
+
+
+def _sorted_keys(keys: list) -> list:
+    """Feature names in a fixed order whatever order a dict lists them in."""
+    try:
+        return sorted(keys)
+    except TypeError:  # names of mixed types
+        return sorted(keys, key=lambda k: (type(k).__name__, repr(k)))
+
+
+class _AMEstimator(base.Estimator):
+    """What the AM classifier and regressor share: features, buffer, learner, predictions."""
+
+    _loss = "ce"
+
+    def __init__(
+        self,
+        hidden_sizes: tuple[int, ...] = (32,),
+        activation: str = "relu",
+        algo: str = "am-adam",
+        batch_size: int = 32,
+        warmup: int = 16,
+        lr: float = 0.03,
+        lr_out: float | None = None,
+        mu: float = 1.0,
+        mem_decay: float = 0.9,
+        seed: int | None = None,
+        config: dict | None = None,
+    ):
+        self.hidden_sizes = hidden_sizes
+        self.activation = activation
+        self.algo = algo
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self.lr = lr
+        self.lr_out = lr_out
+        self.mu = mu
+        self.mem_decay = mem_decay
+        self.seed = seed
+        self.config = config
+        self._check_params()
+
+        # learned state, built as data arrives
+        self._features: dict[Hashable, int] = {}  # feature name -> input column
+        self._learner: Learner | None = None
+        self._xbuf = np.zeros((batch_size, 1), dtype=np.float32)
+        self._ybuf = self._new_ybuf()
+        self._n_buf = 0
+        self._n_updates = 0
+        self._batch = self._current_batch()  # size of the minibatch being filled
+        self._version = 0  # bumped whenever the weights or their shapes change
+        # caches (derived from the state above)
+        self._keys: list = []  # the last fully known key order seen by learn_one ...
+        self._cols: Any = slice(0, 0)  # ... and where its values go
+        self._np_layers: list[tuple[np.ndarray, np.ndarray, Any]] = []
+        self._np_version = -1
+        self._perm_w: np.ndarray | None = None  # first-layer weights in the order of _keys
+        self._perm_cols: Any = None
+
+    # -- parameters -------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if self.algo not in ("am-adam", "am-mem"):
+            raise ConfigError(f"`algo` must be `am-adam` or `am-mem`, got `{self.algo!r}`")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"`batch_size` must be an integer >= 1, got `{self.batch_size!r}`")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"`warmup` must be an integer >= 0, got `{self.warmup!r}`")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"`seed` must be an integer or None, got `{self.seed!r}`")
+        extra = dict(self.config or {})
+        clash = sorted(set(extra) & set(_OWN_FIELDS))
+        if clash:
+            raise ConfigError(f"`config` may not set {', '.join(f'`{k}`' for k in clash)}: "
+                              "they are parameters of the estimator")
+        self._am_config(1, 2, 0)  # validates every field now rather than at the first update
+
+    def _am_config(self, n_inputs: int, n_outputs: int, seed: int) -> AMConfig:
+        lr_out = self.lr if self.lr_out is None else self.lr_out
+        hidden = (self.hidden_sizes,) if isinstance(self.hidden_sizes, int) else tuple(self.hidden_sizes)
+        return AMConfig(arch=(n_inputs, *hidden, n_outputs), activation=self.activation,
+                        algo=self.algo, loss=self._loss, lr=self.lr, lr_out=lr_out, mu=self.mu,
+                        mem_decay=self.mem_decay, seed=seed, **dict(self.config or {}))
+
+    @property
+    def n_updates(self) -> int:
+        """AM updates taken so far."""
+        return self._n_updates
+
+    @property
+    def feature_names(self) -> list:
+        """Feature names in input-column order."""
+        return list(self._features)
+
+    @property
+    def learner(self) -> Learner | None:
+        """The underlying AM learner (``None`` until the first update)."""
+        return self._learner
+
+    def _current_batch(self) -> int:
+        """The size of the next minibatch: 1, 2, 4, ... (``warmup`` updates each), then ``batch_size``."""
+        if self.warmup:
+            return min(self.batch_size, 1 << min(self._n_updates // self.warmup, 62))
+        return self.batch_size
+
+    # -- features -----------------------------------------------------------------------
+    @property
+    def _n_inputs(self) -> int:
+        return max(1, len(self._features))
+
+    def _add_features(self, names: list) -> None:
+        for name in _sorted_keys(names):
+            self._features[name] = len(self._features)
+        self._grow_inputs()
+
+    def _grow_inputs(self) -> None:
+        width = self._n_inputs
+        if width > self._xbuf.shape[1]:
+            grown = np.zeros((self.batch_size, width), dtype=np.float32)
+            grown[:, : self._xbuf.shape[1]] = self._xbuf
+            self._xbuf = grown
+        if self._learner is not None and width > self._learner.n_inputs:
+            self._learner.expand(n_inputs=width)
+            self._version += 1
+
+    def _columns(self, keys: list) -> Any:
+        """Input columns of ``keys`` (all known): a slice when they are in column order."""
+        cols = [self._features[k] for k in keys]
+        if cols == list(range(len(cols))):
+            return slice(0, len(cols))
+        return np.asarray(cols, dtype=np.intp)
+
+    def _write_row(self, x: dict) -> None:
+        """x -> the next buffer row, registering new features (learn_one's path)."""
+        keys = list(x)
+        if keys != self._keys:
+            new = [k for k in keys if k not in self._features]
+            if new:
+                self._add_features(new)
+            self._keys, self._cols = keys, self._columns(keys)
+        self._xbuf[self._n_buf, self._cols] = _values(x, np.float32)
+
+    def _row(self, x: dict) -> np.ndarray:
+        """x -> one float64 input row for predictions; unknown features are ignored."""
+        row = np.zeros((1, self._n_inputs))
+        if list(x) == self._keys:
+            row[0, self._cols] = _values(x, np.float64)
+        else:
+            features = self._features
+            for k, v in x.items():
+                j = features.get(k)
+                if j is not None:
+                    row[0, j] = np.nan if v is None else v
+        if not np.isfinite(row).all():
+            np.nan_to_num(row, copy=False)
+        return row
+
+    def _forward_one(self, x: dict) -> np.ndarray:
+        """Outputs [C] for one sample. When x lists the features in the order learn_one last
+        saw, the first layer reads x's values in that order (its weight rows permuted once per
+        update), so no input row is scattered."""
+        if self._np_version != self._version:
+            self._refresh_weights()
+        if list(x) == self._keys:
+            if self._perm_cols is not self._cols:
+                self._perm_w, self._perm_cols = self._np_layers[0][0][self._cols], self._cols
+            try:
+                v = np.fromiter(x.values(), np.float64, len(x))
+            except (TypeError, ValueError):
+                v = None
+            if v is not None:
+                wt, b, act = self._np_layers[0]
+                h = act(v @ self._perm_w + b)
+                for wt, b, act in self._np_layers[1:]:
+                    h = act(h @ wt + b)
+                if np.isfinite(h).all():
+                    return h
+        return self._forward(self._row(x))[0]  # missing or non-finite values, new key order
+
+    def _matrix(self, X) -> np.ndarray:
+        """DataFrame -> float64 inputs for predictions; unknown columns ignored, NaN is 0."""
+        out = np.zeros((len(X), self._n_inputs))
+        known = [c for c in X.columns if c in self._features]
+        if known:
+            out[:, [self._features[c] for c in known]] = X[known].to_numpy(dtype=np.float64)
+            np.nan_to_num(out, copy=False)
+        return out
+
+    # -- learning -----------------------------------------------------------------------
+    def _learn_row(self, x: dict, target) -> None:
+        self._write_row(x)
+        self._ybuf[self._n_buf] = target
+        self._n_buf += 1
+        if self._n_buf >= self._batch:
+            self._update()
+
+    def _learn_frame(self, X, targets: list) -> None:
+        """Rows of a DataFrame through the same buffer and update points as learn_one."""
+        cols = list(X.columns)
+        values = X.to_numpy(dtype=np.float32)
+        unknown = [j for j, c in enumerate(cols) if c not in self._features]
+        start, n = 0, len(X)
+        while start < n:
+            stop = min(n, start + self._batch - self._n_buf)
+            if unknown:  # register new features row by row, as learn_one would (NaN = absent)
+                present = ~np.isnan(values[start:stop][:, unknown])
+                for r in range(stop - start):
+                    new = [cols[unknown[j]] for j in np.flatnonzero(present[r])
+                           if cols[unknown[j]] not in self._features]
+                    if new:
+                        self._add_features(new)
+                unknown = [j for j in unknown if cols[j] not in self._features]
+            self._register_targets(targets[start:stop])
+            rows = slice(self._n_buf, self._n_buf + stop - start)
+            self._xbuf[rows, [self._features[c] for c in cols if c in self._features]] = \
+                values[start:stop][:, [j for j, c in enumerate(cols) if c in self._features]]
+            self._ybuf[rows] = self._encode_targets(targets[start:stop])
+            self._n_buf += stop - start
+            start = stop
+            if self._n_buf >= self._batch:
+                self._update()
+
+    def _update(self) -> None:
+        """One AM update on the buffered minibatch, then clear the buffer."""
+        n = self._n_buf
+        x = self._xbuf[:n]
+        if not np.isfinite(x).all():
+            np.nan_to_num(x, copy=False)  # missing (NaN) is 0
+        if self._learner is None:
+            seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
+            self._learner = make_learner(self._am_config(self._n_inputs, self._n_outputs(), seed))
+        self._learner.learn(torch.from_numpy(x), torch.from_numpy(self._ybuf[:n]))
+        x[:] = 0.0
+        self._n_buf = 0
+        self._n_updates += 1
+        self._batch = self._current_batch()
+        self._version += 1
+
+    # -- predictions --------------------------------------------------------------------
+    def _refresh_weights(self) -> None:
+        """float64 NumPy copies of the current weights, for predictions."""
+        model = self._learner.state_dict()["model"]
+        layers = []
+        for i, act in enumerate((*self._learner.config.activations, "identity")):
+            w = model[f"layers.{i}.weight"].double().numpy()
+            b = model.get(f"layers.{i}.bias")
+            b = np.zeros(w.shape[0]) if b is None else b.double().numpy()
+            layers.append((np.ascontiguousarray(w.T), b, _NP_ACTIVATIONS[act]))
+        self._np_layers, self._np_version, self._perm_cols = layers, self._version, None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """Network outputs in float64 with the current weights (x is float64 [n, d])."""
+        if self._np_version != self._version:
+            self._refresh_weights()
+        for wt, b, act in self._np_layers:
+            x = act(x @ wt + b)
+        return x
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything learned, as plain values and tensors (see :meth:`load_state_dict`).
+
+        Feature names and labels are stored as they are: ``torch.load(weights_only=True)``
+        reads the result back when they are plain Python values (str, int, float, bool).
+        """
+        return {
+            "version": STATE_VERSION,
+            "features": list(self._features),
+            "targets": self._targets_state(),
+            "learner": None if self._learner is None else self._learner.state_dict(),
+            "buffer_x": torch.from_numpy(self._xbuf[: self._n_buf].copy()),
+            "buffer_y": torch.from_numpy(self._ybuf[: self._n_buf].copy()),
+            "n_updates": self._n_updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output, taken from an estimator with the same parameters."""
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"estimator state version `{state.get('version')}` is not supported "
+                                  f"(expected {STATE_VERSION})")
+        if state["learner"] is not None:
+            saved = AMConfig.from_dict(state["learner"]["config"])
+            if saved != self._am_config(saved.arch[0], saved.arch[-1], saved.seed):
+                raise CheckpointError("estimator state was learned with other parameters than "
+                                      f"this estimator's: {saved}")
+        fresh = self.clone()
+        fresh._features = {name: j for j, name in enumerate(state["features"])}
+        fresh._grow_inputs()
+        fresh._load_targets_state(state["targets"])
+        if state["learner"] is not None:
+            fresh._learner = learner_from_state(state["learner"])
+        bx, by = state["buffer_x"].numpy(), state["buffer_y"].numpy()
+        fresh._xbuf[: len(bx), : bx.shape[1]] = bx
+        fresh._ybuf[: len(by)] = by
+        fresh._n_buf = len(bx)
+        fresh._n_updates = int(state["n_updates"])
+        fresh._batch = fresh._current_batch()
+        fresh._version = 1
+        self.__dict__.update(fresh.__dict__)
+
+    # -- pickling (River's persistence, copy.deepcopy) ---------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # The learner travels as its state_dict saved by torch.save, never as the object:
+        # pickling its torch.Generator keys the state by a memory address, so two pickles of
+        # one unchanged estimator would differ.
+        state = self.__dict__.copy()
+        if self._learner is not None:
+            buffer = io.BytesIO()
+            torch.save(self._learner.state_dict(), buffer)
+            state["_learner"] = buffer.getvalue()
+        state.update(_np_layers=[], _np_version=-1, _perm_w=None, _perm_cols=None)  # caches
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("_learner"), bytes):
+            saved = torch.load(io.BytesIO(state["_learner"]), weights_only=True)
+            state = {**state, "_learner": learner_from_state(saved)}
+        self.__dict__.update(state)
+
+    # -- subclass hooks -----------------------------------------------------------------
+    def _new_ybuf(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _n_outputs(self) -> int:
+        raise NotImplementedError
+
+    def _register_targets(self, targets: list) -> None:
+        pass
+
+    def _encode_targets(self, targets: list) -> Any:
+        return targets
+
+    def _targets_state(self) -> list:
+        return []
+
+    def _load_targets_state(self, targets: list) -> None:
+        pass
+
+
+class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
+    """A multi-layer perceptron classifier trained by online alternating minimization.
+
+    Each internal minibatch gets one AM update (Choromanska et al., ICML 2019, Algorithm 2.1):
+    codes of the hidden layers are solved for first, then every layer fits its own local
+    problem, so no gradient flows through the network. ``algo="am-adam"`` takes an Adam step
+    on each layer's local least-squares loss; ``algo="am-mem"`` keeps co-activation memories
+    and re-solves each hidden layer from them by block-coordinate descent.
+
+    Features may appear, vanish or arrive in any order: each new feature name gets an input
+    column (the input layer grows, with zero weights), a missing feature counts as 0, and a
+    feature never learned from is ignored by the predictions. Labels of any hashable type
+    may appear at any time: each new one gets an output (the output layer grows).
+
+    Samples are buffered and learned from in minibatches, which is what makes the estimator
+    fast: the batch size starts at 1 and doubles every ``warmup`` updates up to
+    ``batch_size`` (``warmup=0`` uses ``batch_size`` from the start; ``batch_size=1``
+    updates on every sample). Predictions always use the current weights. ``learn_many``
+    feeds the same buffer, so it is equivalent to calling ``learn_one`` on each row.
+
+    Inputs should be numbers on comparable scales: put a ``preprocessing.StandardScaler``
+    in front, and encode categories first (e.g. ``preprocessing.OneHotEncoder``).
+
+    Parameters
+    ----------
+    hidden_sizes
+        Widths of the hidden layers.
+    activation
+        Activation of the hidden layers: relu, leaky_relu, tanh, sigmoid, identity or sign.
+    algo
+        ``"am-adam"`` or ``"am-mem"``.
+    batch_size
+        Samples per AM update once the warm-up is over (1 = an update on every sample).
+    warmup
+        Updates taken at each batch size 1, 2, 4, ... on the way up to ``batch_size``, so
+        that the model learns from its first samples quickly (0 = no warm-up).
+    lr
+        Adam step of each hidden layer's local problem (AM-Adam; unused by AM-mem).
+    lr_out
+        Adam step of the output layer; ``None`` uses ``lr``.
+    mu
+        Weight of the quadratic penalty that ties codes to layer outputs (eq. (3)).
+    mem_decay
+        AM-mem only: forgetting factor gamma of the co-activation memories,
+        ``A <- gamma * A + sum a a^T`` at each update (1.0 keeps plain sums, as in the paper;
+        below 1 lets the hidden layers follow a drifting stream).
+    seed
+        Seeds the weight initialisation; ``None`` draws one at the first update.
+    config
+        Further :class:`amstream.AMConfig` fields as a dict, e.g. ``{"code_iters": 2}``
+        or ``{"lr_decay_every": 1000}``.
+
+    Attributes
+    ----------
+    classes
+        The labels seen so far, in output order.
+    feature_names
+        The feature names seen so far, in input-column order.
+    n_updates
+        AM updates taken so far.
+    learner
+        The underlying :class:`amstream.learner.AMLearner` (``None`` before the first update).
+
+    Examples
+    --------
+    >>> from river import datasets, evaluate, metrics, preprocessing
+    >>> from amstream.river import AMClassifier
+
+    >>> model = preprocessing.StandardScaler() | AMClassifier(seed=42)
+    >>> evaluate.progressive_val_score(datasets.Phishing(), model, metrics.Accuracy())
+    Accuracy: 89.03%
+
+    >>> model["AMClassifier"].n_updates
+    103
+
+    Labels and features may be new at any time:
+
+    >>> model = AMClassifier(batch_size=1, seed=0)
+    >>> model.learn_one({"a": 1.0}, "cat")
+    >>> model.learn_one({"a": -1.0, "b": 2.0}, "dog")
+    >>> sorted(model.predict_proba_one({"a": 1.0, "c": 3.0}))
+    ['cat', 'dog']
+    >>> model.feature_names
+    ['a', 'b']
+
+    References
+    ----------
+    .. [1] Choromanska, A., Cowen, B., Kumaravel, S., Luss, R., Rigotti, M., Rish, I.,
+       Kingsbury, B., DiAchille, P., Gurev, V., Tejwani, R. and Bouneffouf, D., 2019.
+       Beyond Backprop: Online Alternating Minimization with Auxiliary Variables. ICML.
+    """
+
+    _loss = "ce"
+
+    def __init__(
+        self,
+        hidden_sizes: tuple[int, ...] = (32,),
+        activation: str = "relu",
+        algo: str = "am-adam",
+        batch_size: int = 32,
+        warmup: int = 16,
+        lr: float = 0.03,
+        lr_out: float | None = None,
+        mu: float = 1.0,
+        mem_decay: float = 0.9,
+        seed: int | None = None,
+        config: dict | None = None,
+    ):
+        self._classes: list = []
+        self._class_index: dict = {}
+        super().__init__(hidden_sizes=hidden_sizes, activation=activation, algo=algo,
+                         batch_size=batch_size, warmup=warmup, lr=lr, lr_out=lr_out, mu=mu,
+                         mem_decay=mem_decay, seed=seed, config=config)
+
+    @classmethod
+    def _unit_test_params(cls):
+        # few updates per check stream keep river.checks fast: an AM update costs about the
+        # same whatever the batch size
+        yield {"batch_size": 32, "warmup": 1, "seed": 0}
+        yield {"algo": "am-mem", "hidden_sizes": (8,), "batch_size": 32, "warmup": 0, "seed": 1}
+        yield {"hidden_sizes": (8, 6), "activation": "tanh", "batch_size": 32, "warmup": 0,
+               "lr_out": 0.01}  # seed None: River's seeding check runs
+
+    @property
+    def _multiclass(self) -> bool:
+        return True
+
+    @property
+    def classes(self) -> list:
+        """The labels seen so far, in output order."""
+        return list(self._classes)
+
+    # -- targets ------------------------------------------------------------------------
+    def _new_ybuf(self) -> np.ndarray:
+        return np.zeros(self.batch_size, dtype=np.int64)
+
+    def _n_outputs(self) -> int:
+        return max(1, len(self._classes))
+
+    def _add_class(self, y) -> int:
+        index = self._class_index[y] = len(self._classes)
+        self._classes.append(y)
+        if self._learner is not None and len(self._classes) > self._learner.n_outputs:
+            self._learner.expand(n_outputs=len(self._classes))
+            self._version += 1
+        return index
+
+    def _register_targets(self, targets: list) -> None:
+        for y in targets:
+            if y not in self._class_index:
+                self._add_class(y)
+
+    def _encode_targets(self, targets: list) -> list:
+        return [self._class_index[y] for y in targets]
+
+    def _targets_state(self) -> list:
+        return list(self._classes)
+
+    def _load_targets_state(self, targets: list) -> None:
+        for y in targets:
+            self._add_class(y)
+
+    # -- River API ----------------------------------------------------------------------
+    def learn_one(self, x: dict, y: base.typing.ClfTarget) -> None:
+        index = self._class_index.get(y)
+        if index is None:
+            index = self._add_class(y)
+        self._learn_row(x, index)
+
+    def learn_many(self, X, y) -> None:
+        self._learn_frame(X, list(y))
+
+    def _proba(self, logits: np.ndarray) -> np.ndarray:
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        return p
+
+    def predict_proba_one(self, x: dict, **kwargs) -> dict:
+        if self._learner is None:
+            n = len(self._classes)
+            return {c: 1.0 / n for c in self._classes}
+        z = self._forward_one(x)
+        p = np.exp(z - z.max())
+        p /= p.sum()  # float64, renormalised: sums to 1 within rounding
+        return dict(zip(self._classes, p.tolist()))
+
+    def predict_one(self, x: dict, **kwargs):
+        if self._learner is None:
+            return self._classes[0] if self._classes else None
+        return self._classes[int(self._forward_one(x).argmax())]
+
+    def predict_proba_many(self, X):
+        import pandas as pd
+
+        if self._learner is None:
+            n = len(self._classes)
+            return pd.DataFrame({c: [1.0 / n] * len(X) for c in self._classes}, index=X.index,
+                                columns=self._classes)
+        p = self._proba(self._forward(self._matrix(X)))
+        return pd.DataFrame(p, index=X.index, columns=self._classes)
+
+    def predict_many(self, X):
+        import pandas as pd
+
+        if self._learner is None:
+            label = self._classes[0] if self._classes else None
+            return pd.Series([label] * len(X), index=X.index, dtype=object)
+        idx = self._forward(self._matrix(X)).argmax(axis=1)
+        return pd.Series([self._classes[i] for i in idx], index=X.index, dtype=object)
+
+
+class AMRegressor(_AMEstimator, base.MiniBatchRegressor):
+    """A multi-layer perceptron regressor trained by online alternating minimization.
+
+    The same model and learning scheme as :class:`AMClassifier` (see there for features,
+    buffering, ``warmup`` and the AM algorithms), with the squared loss
+    ``0.5 * (f(x) - y)^2`` and a single linear output.
+
+    The network learns targets best when they are of order 1: wrap it in a
+    ``preprocessing.TargetStandardScaler``, and scale the features with a
+    ``preprocessing.StandardScaler``.
+
+    Parameters
+    ----------
+    hidden_sizes
+        Widths of the hidden layers.
+    activation
+        Activation of the hidden layers: relu, leaky_relu, tanh, sigmoid, identity or sign.
+    algo
+        ``"am-adam"`` or ``"am-mem"``.
+    batch_size
+        Samples per AM update once the warm-up is over (1 = an update on every sample).
+    warmup
+        Updates taken at each batch size 1, 2, 4, ... on the way up to ``batch_size``
+        (0 = no warm-up).
+    lr
+        Adam step of each hidden layer's local problem (AM-Adam; unused by AM-mem).
+    lr_out
+        Adam step of the output layer; ``None`` uses ``lr``.
+    mu
+        Weight of the quadratic penalty that ties codes to layer outputs (eq. (3)).
+    mem_decay
+        AM-mem only: forgetting factor gamma of the co-activation memories,
+        ``A <- gamma * A + sum a a^T`` at each update (1.0 keeps plain sums, as in the paper;
+        below 1 lets the hidden layers follow a drifting stream).
+    seed
+        Seeds the weight initialisation; ``None`` draws one at the first update.
+    config
+        Further :class:`amstream.AMConfig` fields as a dict.
+
+    Attributes
+    ----------
+    feature_names
+        The feature names seen so far, in input-column order.
+    n_updates
+        AM updates taken so far.
+    learner
+        The underlying :class:`amstream.learner.AMLearner` (``None`` before the first update).
+
+    Examples
+    --------
+    >>> from river import datasets, evaluate, metrics, preprocessing
+    >>> from amstream.river import AMRegressor
+
+    >>> model = preprocessing.StandardScaler() | preprocessing.TargetStandardScaler(
+    ...     AMRegressor(seed=42))
+    >>> evaluate.progressive_val_score(datasets.TrumpApproval(), model, metrics.MAE())
+    MAE: 0.734139
+    """
+
+    _loss = "mse"
+
+    @classmethod
+    def _unit_test_params(cls):
+        # few updates per check stream keep river.checks fast: an AM update costs about the
+        # same whatever the batch size
+        yield {"batch_size": 32, "warmup": 1, "seed": 0}
+        yield {"algo": "am-mem", "hidden_sizes": (8,), "batch_size": 32, "warmup": 0, "seed": 1}
+        yield {"hidden_sizes": (8, 6), "activation": "tanh", "batch_size": 32, "warmup": 0,
+               "lr_out": 0.01}  # seed None: River's seeding check runs
+
+    def _new_ybuf(self) -> np.ndarray:
+        return np.zeros((self.batch_size, 1), dtype=np.float32)
+
+    def _n_outputs(self) -> int:
+        return 1
+
+    def _encode_targets(self, targets: list) -> np.ndarray:
+        return np.asarray(targets, dtype=np.float32).reshape(-1, 1)
+
+    def learn_one(self, x: dict, y: base.typing.RegTarget) -> None:
+        self._learn_row(x, y)
+
+    def learn_many(self, X, y) -> None:
+        self._learn_frame(X, list(y))
+
+    def predict_one(self, x: dict, **kwargs) -> float:
+        if self._learner is None:
+            return 0.0
+        return float(self._forward_one(x)[0])
+
+    def predict_many(self, X):
+        import pandas as pd
+
+        if self._learner is None:
+            return pd.Series(np.zeros(len(X)), index=X.index)
+        return pd.Series(self._forward(self._matrix(X))[:, 0], index=X.index)
