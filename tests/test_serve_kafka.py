@@ -186,7 +186,17 @@ def test_kill9_and_sigterm_then_resume_learns_every_sample_exactly_once(broker, 
     n, batch, seed = 6000, 40, 3
     x, y = data(n, 1)
     broker.create_topic("kill", partitions=1)
-    assert produce_samples("kill", x, y, codec=BinaryCodec(D, K), bootstrap_servers=broker.bootstrap_servers) == n
+    # the stream arrives in parts, one before each run, so that no run before the last can
+    # reach its end however fast the machine is
+    ends = iter([1520, 3000, 4520, 5000, n])  # whole minibatches of 40: the same batches as one run
+    produced = [0]
+
+    def produce_next():
+        lo, hi = produced[0], next(ends)
+        assert produce_samples("kill", x[lo:hi], y[lo:hi], codec=BinaryCodec(D, K),
+                               bootstrap_servers=broker.bootstrap_servers) == hi - lo
+        produced[0] = hi
+
     ck = tmp_path / "ck"
     argv = ["--topic", "kill", "--bootstrap-servers", broker.bootstrap_servers, "--group-id", "g-kill",
             "--n-features", str(D), "--n-classes", str(K), "--arch", "16", "--batch-size", str(batch),
@@ -195,6 +205,7 @@ def test_kill9_and_sigterm_then_resume_learns_every_sample_exactly_once(broker, 
     rnd = random.Random(0)
     progress = [0]
     for i in range(3):
+        produce_next()
         serve = Serve(argv, tmp_path, f"kill{i}")
         try:
             base = learned_in(ck)
@@ -207,6 +218,7 @@ def test_kill9_and_sigterm_then_resume_learns_every_sample_exactly_once(broker, 
         progress.append(learned_in(ck))
     assert progress == sorted(progress) and progress[-1] < n, progress  # killed mid-stream, kept progress
 
+    produce_next()
     serve = Serve(argv, tmp_path, "term")
     base = learned_in(ck)
     serve.wait_for(lambda: learned_in(ck) > base, 60, "a new checkpoint")
@@ -215,6 +227,7 @@ def test_kill9_and_sigterm_then_resume_learns_every_sample_exactly_once(broker, 
     term = serve.result()
     assert term["stop_reason"] == "SIGTERM" and term["learned_samples"] == learned_in(ck) < n
 
+    produce_next()
     serve = Serve(argv + ["--idle-exit", "3"], tmp_path, "final")
     assert serve.join(120) == 0, serve.log()[-2000:]
     final = serve.result()

@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     if args.samples_per_message < 1:
         raise ConfigError(f"`--samples-per-message` must be >= 1, got `{args.samples_per_message}`")
     setup_logging("warning")
-    logging.getLogger("amstream").setLevel(logging.WARNING)
     device = common.setup_runtime(args)
     t_start = time.perf_counter()
     out = Path(args.out)

@@ -106,6 +106,9 @@ def setup_logging(level: str = "info") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(lvl)
+    # amstream's own loggers follow the level asked for now, whatever an earlier call in this
+    # process (e.g. `demo`'s quieter setting) left on them
+    logging.getLogger("amstream").setLevel(lvl)
     kafka = logging.getLogger("kafka")
     kafka.setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.ERROR)
     if lvl > logging.DEBUG and not any(isinstance(f, _Throttle) for f in kafka.filters):
