@@ -6,6 +6,14 @@ Each configuration trains on the first ``--minibatches`` shuffled MNIST minibatc
 
     python benchmarks/tune_am.py                          # the default grid, 784-500-500-10
     python benchmarks/tune_am.py --grid '{"algo": ["am-mem"], "mem_decay": [0.8, 0.9, 0.99]}'
+
+With ``--epochs N`` it trains on the whole training set for N epochs instead (learning rates
+halved after every epoch, a compressed version of the 20-epoch schedule) and reports the full
+test accuracy after each epoch: the probe behind AM-mem's forgetting factor 0.6
+(`benchmarks/results/am_mem_probe.md`):
+
+    python benchmarks/tune_am.py --epochs 4 --seeds 1 \
+        --grid '{"algo": ["am-mem"], "lr_out": [0.003], "mem_decay": [0.8, 0.6, 0.4]}'
 """
 from __future__ import annotations
 
@@ -34,6 +42,8 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="JSON dict of AMConfig field -> list of values")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     p.add_argument("--minibatches", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=0,
+                   help="train N whole epochs (lr halved every epoch) and report test accuracy per epoch")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -42,6 +52,8 @@ def main(argv=None):
     marks = sorted({10, 50, 100, args.minibatches} & set(range(1, args.minibatches + 1)))
     n = args.minibatches * 200
     grids = [json.loads(args.grid)] if args.grid else DEFAULT_GRIDS
+    if args.epochs:
+        return epochs_probe(data, arch, grids, args)
     print(f"MNIST {args.arch}, batch 200, first {args.minibatches} minibatches, seeds {args.seeds}, "
           f"threads {torch.get_num_threads()}, device cpu; accuracy at minibatches {marks}")
     for grid in grids:
@@ -56,6 +68,22 @@ def main(argv=None):
                     shuffle=False, x_test=data.x_test[:5000], y_test=data.y_test[:5000],
                     eval_minibatches=marks, eval_epochs=False) if e.test])
             print(json.dumps(fields), np.mean(curves, 0).round(3).tolist(), flush=True)
+
+
+def epochs_probe(data, arch, grids, args) -> None:
+    per_epoch = -(-len(data.x_train) // 200)
+    print(f"MNIST {args.arch}, batch 200, {args.epochs} epochs, lr halved every epoch, seeds {args.seeds}, "
+          f"threads {torch.get_num_threads()}, device cpu; full test accuracy after each epoch")
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            fields = dict(zip(grid, values))
+            curves = []
+            for seed in args.seeds:
+                learner = make_learner(AMConfig(arch=arch, seed=seed, lr_decay_every=per_epoch, **fields))
+                curves.append([e.test["accuracy"] for e in iter_training(
+                    learner, data.x_train, data.y_train, epochs=args.epochs, batch_size=200, seed=seed,
+                    x_test=data.x_test, y_test=data.y_test) if e.kind == "epoch"])
+            print(json.dumps(fields), np.mean(curves, 0).round(4).tolist(), flush=True)
 
 
 if __name__ == "__main__":
