@@ -127,7 +127,8 @@ def summarize(rows_mb, rows_ep, archs, seeds, marks) -> str:
                      and r["minibatch"] == m]
                 cells.append(stat(v) if v else "—")
             final = [r["test_accuracy"] for r in ep if r["epoch"] == last_epoch]
-            best = [max(r["test_accuracy"] for r in ep if r["seed"] == s) for s in seeds]
+            best = [max(r["test_accuracy"] for r in ep if r["seed"] == s) for s in seeds
+                    if any(r["seed"] == s for r in ep)]  # runs still to come have no rows yet
             secs = [r["train_seconds"] / r["epoch"] for r in ep if r["epoch"] == last_epoch]
             cells += [stat(final), stat(best), f"{np.mean(secs):.1f}"]
             lines.append(f"| {arch} | {method} | " + " | ".join(cells) + " |")
