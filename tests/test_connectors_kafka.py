@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from amstream.connectors.broker import EmbeddedBroker, find_tansu
+from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import BinaryCodec, JsonCodec
 from amstream.connectors.kafka import DeadLetterSink, KafkaSource, make_producer, produce_samples
 from amstream.connectors.records import Record
@@ -31,11 +31,7 @@ CODECS = {"json": JsonCodec(D, 3), "bin": BinaryCodec(D, 3)}
 
 
 @pytest.fixture(scope="module")
-def broker():
-    try:
-        find_tansu()
-    except AmstreamError as exc:
-        pytest.skip(str(exc))
+def broker(tansu):
     with EmbeddedBroker() as b:
         for name, codec in CODECS.items():
             b.create_topic(name, partitions=2)

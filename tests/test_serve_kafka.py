@@ -24,10 +24,9 @@ import torch
 from amstream import AMConfig, make_learner
 from amstream.checkpoint import CheckpointManager
 from amstream.cli import main
-from amstream.connectors.broker import EmbeddedBroker, find_tansu
+from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import BinaryCodec, JsonCodec, make_codec
 from amstream.connectors.kafka import KafkaSource, make_producer, produce_samples
-from amstream.exceptions import AmstreamError
 from amstream.stream import key_checksum, load_serve_checkpoint
 
 pytestmark = pytest.mark.kafka
@@ -51,11 +50,7 @@ def warm_parent():
 
 
 @pytest.fixture(scope="module")
-def broker():
-    try:
-        find_tansu()
-    except AmstreamError as exc:
-        pytest.skip(str(exc))
+def broker(tansu):
     with EmbeddedBroker() as b:
         yield b
 
@@ -328,14 +323,10 @@ def test_malformed_messages_are_counted_dead_lettered_and_never_learned(broker, 
 
 
 # ---- faults ------------------------------------------------------------------------------------
-def test_broker_lost_and_restarted_empty_learner_waits_and_keeps_its_state(tmp_path):
+def test_broker_lost_and_restarted_empty_learner_waits_and_keeps_its_state(tansu, tmp_path):
     """The in-memory broker dies (serve reports and waits), comes back without the topic (serve
     waits), the topic returns with new records at offsets below the checkpoint's (serve reports
     the data loss and learns them); SIGTERM then exits 0 with nothing lost."""
-    try:
-        find_tansu()
-    except AmstreamError as exc:
-        pytest.skip(str(exc))
     x, y = data(1300, 4)
     codec = BinaryCodec(D, K)
     b = EmbeddedBroker().start()
@@ -463,11 +454,7 @@ def _broker_child(out_path):
     os._exit(main(["broker", "--port", "0", "--topic", "d:2", "--json"]))
 
 
-def test_broker_and_produce_commands(tmp_path, capsys):
-    try:
-        find_tansu()
-    except AmstreamError as exc:
-        pytest.skip(str(exc))
+def test_broker_and_produce_commands(tansu, tmp_path, capsys):
     out = tmp_path / "broker.out"
     proc = multiprocessing.get_context("fork").Process(target=_broker_child, args=(str(out),), daemon=True)
     proc.start()
