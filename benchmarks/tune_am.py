@@ -53,37 +53,33 @@ def main(argv=None):
     n = args.minibatches * 200
     grids = [json.loads(args.grid)] if args.grid else DEFAULT_GRIDS
     if args.epochs:
-        return epochs_probe(data, arch, grids, args)
-    print(f"MNIST {args.arch}, batch 200, first {args.minibatches} minibatches, seeds {args.seeds}, "
-          f"threads {torch.get_num_threads()}, device cpu; accuracy at minibatches {marks}")
+        per_epoch = -(-len(data.x_train) // 200)
+        print(f"MNIST {args.arch}, batch 200, {args.epochs} epochs, lr halved every epoch, seeds {args.seeds}, "
+              f"threads {torch.get_num_threads()}, device cpu; full test accuracy after each epoch")
+
+        def curve(fields, seed):
+            learner = make_learner(AMConfig(arch=arch, seed=seed, lr_decay_every=per_epoch, **fields))
+            return [e.test["accuracy"] for e in iter_training(
+                learner, data.x_train, data.y_train, epochs=args.epochs, batch_size=200, seed=seed,
+                x_test=data.x_test, y_test=data.y_test) if e.kind == "epoch"]
+        digits = 4
+    else:
+        print(f"MNIST {args.arch}, batch 200, first {args.minibatches} minibatches, seeds {args.seeds}, "
+              f"threads {torch.get_num_threads()}, device cpu; accuracy at minibatches {marks}")
+
+        def curve(fields, seed):
+            learner = make_learner(AMConfig(arch=arch, seed=seed, **fields))
+            order = np.random.default_rng(seed).permutation(len(data.x_train))[:n]
+            return [e.test["accuracy"] for e in iter_training(
+                learner, data.x_train[order], data.y_train[order], epochs=1, batch_size=200, seed=seed,
+                shuffle=False, x_test=data.x_test[:5000], y_test=data.y_test[:5000],
+                eval_minibatches=marks, eval_epochs=False) if e.test]
+        digits = 3
     for grid in grids:
         for values in itertools.product(*grid.values()):
             fields = dict(zip(grid, values))
-            curves = []
-            for seed in args.seeds:
-                learner = make_learner(AMConfig(arch=arch, seed=seed, **fields))
-                order = np.random.default_rng(seed).permutation(len(data.x_train))[:n]
-                curves.append([e.test["accuracy"] for e in iter_training(
-                    learner, data.x_train[order], data.y_train[order], epochs=1, batch_size=200, seed=seed,
-                    shuffle=False, x_test=data.x_test[:5000], y_test=data.y_test[:5000],
-                    eval_minibatches=marks, eval_epochs=False) if e.test])
-            print(json.dumps(fields), np.mean(curves, 0).round(3).tolist(), flush=True)
-
-
-def epochs_probe(data, arch, grids, args) -> None:
-    per_epoch = -(-len(data.x_train) // 200)
-    print(f"MNIST {args.arch}, batch 200, {args.epochs} epochs, lr halved every epoch, seeds {args.seeds}, "
-          f"threads {torch.get_num_threads()}, device cpu; full test accuracy after each epoch")
-    for grid in grids:
-        for values in itertools.product(*grid.values()):
-            fields = dict(zip(grid, values))
-            curves = []
-            for seed in args.seeds:
-                learner = make_learner(AMConfig(arch=arch, seed=seed, lr_decay_every=per_epoch, **fields))
-                curves.append([e.test["accuracy"] for e in iter_training(
-                    learner, data.x_train, data.y_train, epochs=args.epochs, batch_size=200, seed=seed,
-                    x_test=data.x_test, y_test=data.y_test) if e.kind == "epoch"])
-            print(json.dumps(fields), np.mean(curves, 0).round(4).tolist(), flush=True)
+            curves = [curve(fields, seed) for seed in args.seeds]
+            print(json.dumps(fields), np.mean(curves, 0).round(digits).tolist(), flush=True)
 
 
 if __name__ == "__main__":
