@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from amstream.functional import _LOSS_CURVATURE  # the same bound as the torch update
 from amstream.learner import Learner
 
 __all__ = ["NumpyAM"]
@@ -44,7 +45,6 @@ _NP_AM_ACTIVATIONS = {
     "sigmoid": (lambda c: 1.0 / (1.0 + np.exp(-c)), lambda c, a: a * (1.0 - a), False),
     "identity": (lambda c: c, lambda c, a: np.ones_like(c), True),
 }
-_LOSS_CURVATURE = {"ce": 0.5, "mse": 1.0}  # as amstream.functional
 
 
 def _rowsq(u: np.ndarray) -> np.ndarray:
