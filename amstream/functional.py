@@ -9,41 +9,46 @@ Read this file next to Section 2 of the paper. Notation (one minibatch of B samp
 
 Algorithm 2.1 (one online AM step) is :func:`am_step`:
 
-1. ``encode_input``   (Algorithm 2.2, forward)  codes from the current weights;
-2. ``update_codes``   (Algorithm 2.2, backward) top code by problem (4), then hidden codes by
-   problem (5) from l = L-1 down to 1;
-3. ``update_weights`` (Algorithm 2.3)           output layer by one SGD/Adam step on the loss;
-   each hidden layer independently: AM-Adam takes Adam steps on the local least squares
-   loss (6) with t' = t, AM-mem updates the co-activation memories A, B (``update_memory``)
-   and minimizes the surrogate (7) by block-coordinate descent (``bcd``).
+1. :func:`encode_input`   (Algorithm 2.2, forward)  codes from the current weights;
+2. :func:`update_codes`   (Algorithm 2.2, backward) top code by problem (4), then hidden codes
+   by problem (5) from l = L-1 down to 1;
+3. :func:`update_weights` (Algorithm 2.3)           output layer by one SGD/Adam step on the
+   loss; each hidden layer independently: AM-Adam takes Adam steps on the local least
+   squares loss (6) with t' = t, AM-mem updates the co-activation memories A, B
+   (:func:`update_memory`) and minimizes the surrogate (7) (:func:`fit_memory`).
 
-All gradients are derived by hand (no autograd graph), and every code problem is
-separable over samples, so the code solvers work on the whole minibatch at once.
+Every function takes NumPy arrays or torch tensors (all of one kind) and works on what it
+is given: the code is written once against the small array API of :mod:`amstream.backend`.
+All gradients are derived by hand (no autograd graph), and every code problem is separable
+over samples, so the code solvers work on the whole minibatch at once.
 
 Code solver. Problems (4) and (5) are, per sample, a smooth loss of ``sigma(c)`` plus
-``mu * ||c - c_fwd||^2``. The default solver (``linesearch``) is steepest descent where
-each sample takes the step that exactly minimizes the problem's Gauss-Newton model along
-the gradient (linearizing sigma around the current code). It is scale free — no step
-size to tune, whatever mu, the batch size or the layer widths — and each step lowers the
-model objective; it costs one extra matrix product per step. The ``momentum`` solver is
-the authors' choice (gradient steps with Nesterov momentum and a fixed rate), kept for
+``mu * ||c - c_fwd||^2``. The default solver (``linesearch``) is steepest descent where each
+sample takes the step that exactly minimizes the problem's Gauss-Newton model along the
+gradient (linearizing sigma around the current code). It is scale free - no step size to
+tune, whatever mu, the batch size or the layer widths - and each step lowers the model
+objective; it costs one extra matrix product per step. The ``momentum`` solver is the
+authors' choice (gradient steps with Nesterov momentum and a fixed rate), kept for
 comparison (``benchmarks/code_solvers.py`` measures both).
 
 Non-differentiable ``sign``: the forward pass and the weight fits use the true sign; inside
-the code problems its derivative is replaced by the straight-through ``1{|c| <= 1}``.
+the code problems its derivative is replaced by the straight-through ``1{|c| <= 1}``
+(:mod:`amstream.activations`).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
-import torch
-from torch import Tensor
+from amstream.activations import ACTIVATIONS
+from amstream.backend import Backend, backend_of
+from amstream import optim
 
 __all__ = [
-    "ACTIVATIONS",
-    "Activation",
     "Layer",
     "Encoding",
+    "Slots",
+    "AMHyper",
+    "am_step",
     "encode_input",
     "output_loss_grad",
     "top_code_objective",
@@ -51,133 +56,96 @@ __all__ = [
     "solve_top_code",
     "solve_hidden_code",
     "update_codes",
-    "local_lsq_grad",
-    "lsq_residual",
+    "update_weights",
     "output_grad",
+    "lsq_residual",
+    "local_lsq_grad",
+    "augment",
     "update_memory",
-    "bcd",
     "mem_objective",
+    "blocks",
+    "factor_blocks",
+    "update_factors",
+    "memory_refactor_due",
+    "bcd",
+    "fit_memory",
+    "LOSS_CURVATURE",
 ]
 
-
-# ---------------------------------------------------------------------------------------
-# Activations: sigma and its derivative sigma'(c) (given c and a = sigma(c))
-# ---------------------------------------------------------------------------------------
-class Activation(NamedTuple):
-    fn: Callable[[Tensor], Tensor]
-    grad: Callable[[Tensor, Tensor], Tensor]  # (c, a) -> sigma'(c)
-    binary_grad: bool = False  # sigma'(c) only takes the values 0 and 1
-    piecewise_linear: bool = False  # sigma(c + dc) = sigma(c) + sigma'(c) dc unless c crosses 0
-
-
-def _relu_grad(c: Tensor, a: Tensor) -> Tensor:
-    return torch.sign(a)  # a = relu(c) >= 0, so sign(a) = 1{c > 0}; cheaper than a comparison
-
-
-def _leaky_grad(c: Tensor, a: Tensor) -> Tensor:
-    return torch.sign(a).mul_(0.495).add_(0.505)  # 1 where c > 0, 0.01 elsewhere (0.505 at c = 0)
-
-
-def _sign(c: Tensor) -> Tensor:
-    # sign with sign(0) = +1, so a unit is always on or off
-    return torch.where(c >= 0, 1.0, -1.0).to(c.dtype)
-
-
-ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(torch.relu, _relu_grad, True, True),
-    "leaky_relu": Activation(lambda c: torch.nn.functional.leaky_relu(c, 0.01), _leaky_grad, False, True),
-    "tanh": Activation(torch.tanh, lambda c, a: 1.0 - a * a),
-    "sigmoid": Activation(torch.sigmoid, lambda c, a: a * (1.0 - a)),
-    "identity": Activation(lambda c: c, lambda c, a: torch.ones_like(c), True, True),
-    # straight-through derivative, used only inside the code subproblems
-    "sign": Activation(_sign, lambda c, a: (c.abs() <= 1.0).to(c.dtype), True),
-}
+Array = Any  # a NumPy array or a torch tensor
+Reduce = Callable[[str, Sequence[Array]], None]  # (what, arrays) -> None, in place
 
 
 class Layer(NamedTuple):
     """One linear map ``c = a @ weight.T + bias`` (bias may be None)."""
 
-    weight: Tensor
-    bias: Tensor | None
-
-
-def _linear(a: Tensor, layer: Layer) -> Tensor:
-    if layer.bias is None:
-        return a @ layer.weight.T
-    return torch.addmm(layer.bias, a, layer.weight.T)
+    weight: Array
+    bias: Array | None
 
 
 # ---------------------------------------------------------------------------------------
 # Algorithm 2.2, encodeInput: the forward pass
 # ---------------------------------------------------------------------------------------
 class Encoding(NamedTuple):
-    codes: list[Tensor]  # c[1..L]
-    acts: list[Tensor]  # a[0..L], a[0] = x
-    out: Tensor  # output pre-activation (logits for ce)
+    codes: list  # c[1..L]
+    acts: list  # a[0..L], a[0] = x
+    out: Array  # output pre-activation (logits for ce)
 
 
-def encode_input(x: Tensor, layers: Sequence[Layer], activations: Sequence[str]) -> Encoding:
+def encode_input(x: Array, layers: Sequence[Layer], activations: Sequence[str]) -> Encoding:
     """c[l] = W[l] sigma_{l-1}(c[l-1]) for l = 1..L, and the network output."""
+    xp = backend_of(x)
     acts = [x]
     codes = []
-    for layer, name in zip(layers[:-1], activations):
-        c = _linear(acts[-1], layer)
+    for (W, b), name in zip(layers[:-1], activations):
+        c = xp.linear(acts[-1], W, b)
         codes.append(c)
-        acts.append(ACTIVATIONS[name].fn(c))
-    return Encoding(codes, acts, _linear(acts[-1], layers[-1]))
+        acts.append(ACTIVATIONS[name].fn(xp, c))
+    W, b = layers[-1]
+    return Encoding(codes, acts, xp.linear(acts[-1], W, b))
 
 
 # ---------------------------------------------------------------------------------------
 # The loss of eq. (2) (or squared loss) and its gradient w.r.t. the output
 # ---------------------------------------------------------------------------------------
-def output_loss_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+#: curvature bound of the loss w.r.t. the output: softmax Hessian <= 1/2, squared loss = 1
+LOSS_CURVATURE = {"ce": 0.5, "mse": 1.0}
+
+
+def output_loss_grad(out: Array, y: Array, loss: str) -> tuple[Array, Array]:
     """Per-sample loss [B] and its gradient w.r.t. the output pre-activation [B, m].
 
     ``ce``: multinomial loss, y holds class indices; ``mse``: 0.5 ||out - y||^2.
     """
     if loss == "ce":
-        logp = torch.log_softmax(out, dim=1)
-        per_sample = -logp.gather(1, y.view(-1, 1)).squeeze(1)
-        grad = logp.exp_()
-        grad[torch.arange(out.shape[0], device=out.device), y] -= 1.0
-        return per_sample, grad
-    diff = out - y.view(out.shape)
+        return backend_of(out).softmax_xent(out, y)
+    diff = out - y.reshape(out.shape)
     return 0.5 * (diff * diff).sum(1), diff
-
-
-# curvature bound of the loss w.r.t. the output: softmax Hessian <= 1/2, squared loss = 1
-_LOSS_CURVATURE = {"ce": 0.5, "mse": 1.0}
 
 
 # ---------------------------------------------------------------------------------------
 # Algorithm 2.2, updateCodes: problems (4) and (5)
 # ---------------------------------------------------------------------------------------
-def top_code_objective(c, c_fwd, y, out_layer: Layer, act: str, mu: float, loss: str) -> Tensor:
+def top_code_objective(c, c_fwd, y, out_layer: Layer, act: str, mu: float, loss: str):
     """Problem (4), summed over the minibatch: L(y, sigma(c), W[L+1]) + mu ||c - c_fwd||^2."""
-    out = _linear(ACTIVATIONS[act].fn(c), out_layer)
-    if loss == "ce":
-        value = torch.nn.functional.cross_entropy(out, y, reduction="sum")
-    else:
-        value = 0.5 * (out - y.view(out.shape)).pow(2).sum()
-    return value + mu * (c - c_fwd).pow(2).sum()
+    xp = backend_of(c)
+    out = xp.linear(ACTIVATIONS[act].fn(xp, c), *out_layer)
+    d = c - c_fwd
+    return output_loss_grad(out, y, loss)[0].sum() + mu * (d * d).sum()
 
 
-def hidden_code_objective(c, c_fwd, c_next, next_layer: Layer, act: str, mu: float) -> Tensor:
+def hidden_code_objective(c, c_fwd, c_next, next_layer: Layer, act: str, mu: float):
     """Problem (5), summed: mu ||c[l+1] - W[l+1] sigma(c)||^2 + mu ||c - c_fwd||^2."""
-    r = c_next - _linear(ACTIVATIONS[act].fn(c), next_layer)
-    return mu * (r.pow(2).sum() + (c - c_fwd).pow(2).sum())
-
-
-def _rowsq(u: Tensor) -> Tensor:
-    """Per-sample squared norms |u_i|^2 as a column [B, 1]."""
-    return torch.linalg.vector_norm(u, dim=1, keepdim=True).square_()
+    xp = backend_of(c)
+    r = c_next - xp.linear(ACTIVATIONS[act].fn(xp, c), *next_layer)
+    d = c - c_fwd
+    return mu * ((r * r).sum() + (d * d).sum())
 
 
 def solve_top_code(
-    c_fwd: Tensor, y: Tensor, out_layer: Layer, act: str, mu: float, loss: str,
-    *, iters: int, solver: str = "linesearch", step: float = 1.0, a_fwd: Tensor | None = None,
-    g_out_fwd: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    c_fwd, y, out_layer: Layer, act: str, mu: float, loss: str, *, iters: int,
+    solver: str = "linesearch", step: float = 1.0, a_fwd=None, g_out_fwd=None,
+) -> tuple[Array, Array]:
     """Problem (4): c[L] = argmin_c L(y, sigma_L(c), W[L+1]) + mu ||c - W[L] a[L-1]||^2.
 
     Per sample, the gradient is ``g = sigma'(c) * (dL/dout @ W[L+1]) + 2 mu (c - c_fwd)``.
@@ -188,39 +156,48 @@ def solve_top_code(
     ``a_fwd = sigma(c_fwd)`` and ``g_out_fwd`` (the loss gradient at the forward output)
     may be passed when the caller has them. Returns the new code and its activation.
     """
+    xp = backend_of(c_fwd)
     sigma = ACTIVATIONS[act]
+    W = out_layer.weight
     c = c_fwd
-    a = sigma.fn(c) if a_fwd is None else a_fwd
+    a = sigma.fn(xp, c) if a_fwd is None else a_fwd
     if iters == 0:
-        return c.clone(), a
-    kappa = _LOSS_CURVATURE[loss]
-    velocity = torch.zeros_like(c) if solver == "momentum" else None
+        return c + 0.0, a
+    kappa = LOSS_CURVATURE[loss]
+    velocity = xp.zeros_like(c) if solver == "momentum" else None
     for it in range(iters):
-        d = sigma.grad(c, a)
+        d = sigma.grad(xp, c, a)
         if it == 0 and g_out_fwd is not None:
             g_out = g_out_fwd
         else:
-            _, g_out = output_loss_grad(_linear(a, out_layer), y, loss)
-        grad = (g_out @ out_layer.weight).mul_(d)
+            g_out = output_loss_grad(xp.linear(a, *out_layer), y, loss)[1]
+        grad = g_out @ W
+        grad *= d
         if it > 0:  # at c = c_fwd the penalty's gradient is 0
-            grad.add_(c - c_fwd, alpha=2.0 * mu)
+            grad += (2.0 * mu) * (c - c_fwd)
         if velocity is None:
-            gg = _rowsq(grad)
+            gg = xp.rowsq(grad)
             # sigma' * g; at it = 0 with a 0/1 derivative it is g itself
             d_grad = grad if (it == 0 and sigma.binary_grad) else grad * d
-            Jg = d_grad @ out_layer.weight.T  # first-order change of the output along g
-            alpha = gg.div_((kappa * _rowsq(Jg)).add_(gg, alpha=2.0 * mu).clamp_min_(1e-30)).mul_(step)
-            c = torch.addcmul(c, grad, alpha, value=-1.0)
+            Jg = d_grad @ W.T  # first-order change of the output along g
+            den = xp.rowsq(Jg)
+            den *= kappa
+            den += (2.0 * mu) * gg
+            alpha = gg / xp.clamp_min(den, 1e-30)
+            if step != 1.0:
+                alpha *= step
+            grad *= alpha
+            c = c - grad
         else:
             c = _momentum_step(c, grad, velocity, step)
-        a = sigma.fn(c)
+        a = sigma.fn(xp, c)
     return c, a
 
 
 def solve_hidden_code(
-    c_fwd: Tensor, c_next: Tensor, c_next_fwd: Tensor, next_layer: Layer, act: str, mu: float,
-    *, iters: int, solver: str = "linesearch", step: float = 1.0, a_fwd: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    c_fwd, c_next, c_next_fwd, next_layer: Layer, act: str, mu: float, *, iters: int,
+    solver: str = "linesearch", step: float = 1.0, a_fwd=None,
+) -> tuple[Array, Array, Array]:
     """Problem (5): c[l] = argmin_c mu ||c[l+1] - W[l+1] sigma_l(c)||^2 + mu ||c - W[l] a[l-1]||^2.
 
     Per sample, the gradient divided by 2 mu (mu cancels, as the paper notes) is
@@ -234,60 +211,76 @@ def solve_hidden_code(
     Returns the new code, its activation, and the residual at the new code, which is
     exactly what the weight update of layer l+1 needs (AM-Adam): computed once, here.
     """
+    xp = backend_of(c_fwd)
     sigma = ACTIVATIONS[act]
+    W = next_layer.weight
     c = c_fwd
-    a = sigma.fn(c) if a_fwd is None else a_fwd
+    a = sigma.fn(xp, c) if a_fwd is None else a_fwd
     residual = c_next - c_next_fwd
     if iters == 0:
-        return c.clone(), a, residual
-    velocity = torch.zeros_like(c) if solver == "momentum" else None
-    W = next_layer.weight
+        return c + 0.0, a, residual
+    velocity = xp.zeros_like(c) if solver == "momentum" else None
     for it in range(iters):
-        d = sigma.grad(c, a)
-        descent = (residual @ W).mul_(d)  # minus the gradient
+        d = sigma.grad(xp, c, a)
+        descent = residual @ W  # minus the gradient
+        descent *= d
         if it > 0:  # at c = c_fwd the penalty's gradient is 0
-            descent.sub_(c - c_fwd)
+            descent -= c - c_fwd
         if velocity is not None:
-            c = _momentum_step(c, descent.neg_(), velocity, step)
-            a = sigma.fn(c)
+            c = _momentum_step(c, -descent, velocity, step)
+            a = sigma.fn(xp, c)
             residual = lsq_residual(c_next, a, next_layer)
             continue
         # sigma' * descent; at it = 0 with a 0/1 derivative it is descent itself
         d_desc = descent if (it == 0 and sigma.binary_grad) else descent * d
         J_desc = d_desc @ W.T  # first-order change of W sigma(c) along the descent direction
-        dd = _rowsq(descent)
-        alpha = dd.div_((_rowsq(J_desc) + dd).clamp_min_(1e-30)).mul_(step)
-        c_new = torch.addcmul(c, descent, alpha)
-        a_new = sigma.fn(c_new)
-        if sigma.piecewise_linear:
-            # W sigma(c_new) = W a + alpha J_desc + W corr, where corr is nonzero only on the
-            # few units whose code crossed 0: the exact new residual for the price of a
-            # product over those columns instead of a full matrix product
-            corr = (a_new - a).addcmul_(d_desc, alpha, value=-1.0)
-            crossed = corr.any(0).nonzero().squeeze(1)
-            if 4 * crossed.numel() < W.shape[1]:
-                residual = residual.addcmul(J_desc, alpha, value=-1.0)
-                if crossed.numel():
-                    residual.sub_(corr[:, crossed] @ W[:, crossed].T)
-            else:  # many units crossed: the full product is cheaper
-                residual = lsq_residual(c_next, a_new, next_layer)
-        else:
-            residual = lsq_residual(c_next, a_new, next_layer)
+        dd = xp.rowsq(descent)
+        den = xp.rowsq(J_desc)
+        den += dd
+        alpha = dd / xp.clamp_min(den, 1e-30)
+        if step != 1.0:
+            alpha *= step
+        descent *= alpha
+        c_new = c + descent
+        a_new = sigma.fn(xp, c_new)
+        residual = _residual_after_step(xp, sigma.piecewise_linear, c_next, residual, a, a_new,
+                                        d_desc, J_desc, alpha, next_layer)
         c, a = c_new, a_new
     return c, a, residual
 
 
-def _momentum_step(c: Tensor, grad: Tensor, velocity: Tensor, lr: float) -> Tensor:
+def _residual_after_step(xp: Backend, piecewise_linear, c_next, residual, a, a_new, d_desc, J_desc,
+                         alpha, layer: Layer):
+    """The residual c[l+1] - W sigma(c_new) - b after a linesearch step c_new = c + alpha g.
+
+    For a piecewise-linear sigma, ``W sigma(c_new) = W a + alpha J_desc + W corr``, where corr
+    is nonzero only on the units whose code crossed 0: the exact new residual for the price
+    of a product over those few columns instead of a full matrix product.
+    """
+    W = layer.weight
+    if piecewise_linear and a.shape[0] > 1:
+        corr = a_new - a
+        corr -= d_desc * alpha
+        crossed = xp.active_columns(corr)
+        if 4 * len(crossed) < W.shape[1]:
+            residual = residual - J_desc * alpha
+            if len(crossed):
+                residual -= corr[:, crossed] @ W[:, crossed].T
+            return residual
+    return lsq_residual(c_next, a_new, layer)
+
+
+def _momentum_step(c, grad, velocity, lr: float):
     """Nesterov momentum 0.9 (as torch.optim.SGD(nesterov=True)): the authors' code solver."""
-    velocity.mul_(0.9).add_(grad)
+    velocity *= 0.9
+    velocity += grad
     return c - lr * (grad + 0.9 * velocity)
 
 
 def update_codes(
-    enc: Encoding, y: Tensor, layers: Sequence[Layer], activations: Sequence[str], mu: float,
-    loss: str, *, iters_top: int, iters: int, solver: str = "linesearch", step: float = 1.0,
-    g_out_fwd: Tensor | None = None,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+    enc: Encoding, y, layers: Sequence[Layer], activations: Sequence[str], mu: float, loss: str,
+    *, iters_top: int, iters: int, solver: str = "linesearch", step: float = 1.0, g_out_fwd=None,
+) -> tuple[list, list, list]:
     """Algorithm 2.2, updateCodes: solve (4) for c[L], then (5) for l = L-1, ..., 1.
 
     Returns the new codes c[1..L], their activations, and for each hidden layer
@@ -295,9 +288,9 @@ def update_codes(
     solver already computed it (``None`` for layer 1: the caller has it for free).
     """
     L = len(enc.codes)
-    codes: list[Tensor] = [None] * L  # type: ignore[list-item]
-    acts: list[Tensor] = [None] * L  # type: ignore[list-item]
-    residuals: list[Tensor | None] = [None] * L
+    codes: list = [None] * L
+    acts: list = [None] * L
+    residuals: list = [None] * L
     codes[L - 1], acts[L - 1] = solve_top_code(
         enc.codes[L - 1], y, layers[L], activations[L - 1], mu, loss,
         iters=iters_top, solver=solver, step=step, a_fwd=enc.acts[L], g_out_fwd=g_out_fwd)
@@ -311,76 +304,251 @@ def update_codes(
 # ---------------------------------------------------------------------------------------
 # Algorithm 2.3, updateWeights: layer-local gradients (AM-Adam) and memories (AM-mem)
 # ---------------------------------------------------------------------------------------
-def output_grad(a_top: Tensor, y: Tensor, out_layer: Layer, loss: str) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Gradient of the mean loss w.r.t. W[L+1], b[L+1], with input sigma(c[L]) (line 1).
+def output_grad(a_top, y, out_layer: Layer, loss: str, grad: Layer) -> Array:
+    """Gradient of the mean loss w.r.t. W[L+1], b[L+1], with input sigma(c[L]) (line 1),
+    written into ``grad``. Returns the per-sample loss."""
+    xp = backend_of(a_top)
+    per_sample, g = output_loss_grad(xp.linear(a_top, *out_layer), y, loss)
+    g *= 1.0 / a_top.shape[0]
+    xp.matmul_into(grad.weight, g.T, a_top)
+    if grad.bias is not None:
+        xp.colsum_into(grad.bias, g)
+    return per_sample
 
-    Returns (grad_weight, grad_bias, per-sample loss).
-    """
-    per_sample, g = output_loss_grad(_linear(a_top, out_layer), y, loss)
-    g.div_(a_top.shape[0])
-    return g.T @ a_top, (g.sum(0) if out_layer.bias is not None else None), per_sample
 
-
-def lsq_residual(c: Tensor, a_in: Tensor, layer: Layer) -> Tensor:
+def lsq_residual(c, a_in, layer: Layer):
     """c - W a - b: the residual of eq. (6) for one layer."""
-    r = torch.addmm(c, a_in, layer.weight.T, alpha=-1.0)
-    return r.sub_(layer.bias) if layer.bias is not None else r
+    return c - backend_of(c).linear(a_in, *layer)
 
 
-def local_lsq_grad(a_in: Tensor, residual: Tensor, mu: float, has_bias: bool) -> tuple[Tensor, Tensor | None]:
-    """Gradient of eq. (6) with t' = t, mean over the minibatch: mu/B sum ||c - W a - b||^2.
+def local_lsq_grad(a_in, residual, mu: float, grad: Layer) -> None:
+    """Gradient of eq. (6) with t' = t, mean over the minibatch: mu/B sum ||c - W a - b||^2,
+    written into ``grad``.
 
     ``residual`` is ``c - W a - b`` at the new codes; the gradient is -2 mu/B r^T a.
     """
-    scale = -2.0 * mu / a_in.shape[0]
-    g_w = torch.addmm(a_in.new_empty(()), residual.T, a_in, beta=0.0, alpha=scale)
-    return g_w, (residual.sum(0).mul_(scale) if has_bias else None)
+    xp = backend_of(a_in)
+    r = residual * (-2.0 * mu / a_in.shape[0])
+    xp.matmul_into(grad.weight, r.T, a_in)
+    if grad.bias is not None:
+        xp.colsum_into(grad.bias, r)
 
 
-def augment(a: Tensor, has_bias: bool) -> Tensor:
+def augment(a, has_bias: bool):
     """[a, 1]: the bias becomes the last column of the weight matrix (AM-mem)."""
-    if not has_bias:
-        return a
-    return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+    return backend_of(a).append_ones(a) if has_bias else a
 
 
-def update_memory(A: Tensor, B: Tensor, a_in: Tensor, c: Tensor, decay: float = 1.0) -> None:
+def update_memory(A, B, a_in, c, decay: float = 1.0, *, reduce: Reduce | None = None) -> None:
     """updateMemory (Algorithm 2.3), in place: A <- decay A + sum a a^T, B <- decay B + sum c a^T.
 
-    With decay = 1 these are the plain sums A_t, B_t of eq. (7); decay < 1 is a
-    forgetting factor (Mairal et al., 2009, Sec. 3.4).
+    With decay = 1 these are the plain sums A_t, B_t of eq. (7); decay < 1 is a forgetting
+    factor (Mairal et al., 2009, Sec. 3.4). ``reduce`` (see :func:`update_weights`) sees the
+    two sums of this minibatch before they are added.
     """
+    dA, dB = a_in.T @ a_in, c.T @ a_in
+    if reduce is not None:
+        reduce("memory", (dA, dB))
     if decay != 1.0:
-        A.mul_(decay)
-        B.mul_(decay)
-    A.addmm_(a_in.T, a_in)
-    B.addmm_(c.T, a_in)
+        A *= decay
+        B *= decay
+    A += dA
+    B += dB
 
 
-def mem_objective(W: Tensor, A: Tensor, B: Tensor) -> Tensor:
+def mem_objective(W, A, B):
     """The surrogate of eq. (7): Tr(W^T W A) - 2 Tr(W^T B)."""
     return ((W @ A) * W).sum() - 2.0 * (W * B).sum()
 
 
-def bcd(W: Tensor, A: Tensor, B: Tensor, *, sweeps: int = 1, block: int = 64, ridge: float = 1e-4) -> None:
+def blocks(n: int, block: int) -> list[slice]:
+    """The diagonal blocks J of an n x n memory that BCD updates together."""
+    return [slice(s, min(s + block, n)) for s in range(0, n, block)]
+
+
+def factor_blocks(A, inverses: Sequence, *, block: int, ridge: float) -> None:
+    """``inverses[j][...] = (A[J, J] + eps I)^-1`` for each diagonal block J, in place, with
+    eps = ridge * mean(diag A), which keeps never-active inputs (A[j, j] = 0) from dividing by 0."""
+    xp = backend_of(A)
+    eps = ridge * xp.mean_diag(A) + 1e-12
+    for J, inv in zip(blocks(A.shape[0], block), inverses):
+        inv[...] = xp.inv(A[J, J] + eps * xp.eye(J.stop - J.start, A))
+
+
+def update_factors(inverses: Sequence, U, decay: float, *, block: int) -> None:
+    """After ``A <- decay A + U^T U`` (a minibatch of k inputs U), turn each block inverse
+    ``P = S^-1`` into ``(decay S + U_J^T U_J)^-1`` in place, by the Woodbury identity
+    ``(1/decay) (P - V^T (decay I + V U_J^T)^-1 V)`` with ``V = U_J P``: O(k b^2) instead of
+    the O(b^3) of a new inverse. The ridge inside S decays with A until the next
+    :func:`factor_blocks` (see :func:`memory_refactor_due`)."""
+    xp = backend_of(U)
+    for J, P in zip(blocks(U.shape[1], block), inverses):
+        UJ = U[:, J]
+        V = UJ @ P  # P is symmetric
+        M = V @ UJ.T
+        if U.shape[0] == 1:  # one sample: Sherman-Morrison, a scalar instead of a k x k solve
+            M += decay
+            P -= (V.T * (1.0 / M)) @ V
+        else:
+            M += decay * xp.eye(U.shape[0], U)
+            P -= V.T @ (xp.inv(M) @ V)
+        if decay != 1.0:
+            P *= 1.0 / decay
+
+
+def memory_refactor_due(age: int, batch: int, decay: float, block: int) -> bool:
+    """Whether AM-mem factors its memories' diagonal blocks anew this update, rather than
+    updating the factors it keeps (:func:`update_factors`); ``age`` counts the updates since
+    the last factoring (0: there are none). Anew when the minibatch is not small next to a
+    block (the Woodbury solve would then cost as much), when the ridge inside the kept
+    factors has decayed below half of a fresh one's, and every 64 updates (rounding drift)."""
+    return age == 0 or age >= 64 or 4 * batch > block or decay ** age < 0.5
+
+
+def bcd(W, A, B, *, sweeps: int = 1, block: int = 64, ridge: float = 1e-4, inverses=None) -> None:
     """Minimize Tr(W^T W A) - 2 Tr(W^T B) over W, in place, by block-coordinate descent.
 
     Each block J of columns is set to its exact minimizer given the others,
     ``W[:, J] <- W[:, J] + (B[:, J] - W A[:, J]) (A[J, J] + eps I)^-1`` (Mairal et al., 2009,
     Algorithm 2, with blocks instead of single columns; ``block=1`` is their update).
-    eps = ridge * mean(diag A) keeps never-active inputs (A[j, j] = 0) from dividing by 0.
+    ``inverses`` are the block inverses (:func:`factor_blocks`, :func:`update_factors`);
+    without them they are computed here, once for all the sweeps.
     """
-    n = A.shape[0]
-    eps = ridge * float(A.diagonal().mean()) + 1e-12
-    starts = range(0, n, block)
-    # factor each diagonal block once per call (A does not change during the sweeps)
-    inverses = []
-    for s in starts:
-        A_JJ = A[s:s + block, s:s + block]
-        eye = torch.eye(A_JJ.shape[0], dtype=A.dtype, device=A.device)
-        inverses.append(torch.linalg.inv(A_JJ + eps * eye))
+    xp = backend_of(W)
+    J_all = blocks(A.shape[0], block)
+    if inverses is None:
+        inverses = [xp.zeros_like(A[J, J]) for J in J_all]
+        factor_blocks(A, inverses, block=block, ridge=ridge)
     for _ in range(sweeps):
-        for s, inv in zip(starts, inverses):
-            J = slice(s, s + block)
-            resid = B[:, J] - W @ A[:, J]
-            W[:, J] += resid @ inv
+        for J, inv in zip(J_all, inverses):
+            W[:, J] += (B[:, J] - W @ A[:, J]) @ inv
+
+
+def fit_memory(layer: Layer, A, B, U, inverses, *, refactor: bool, decay: float, sweeps: int,
+               block: int, ridge: float) -> None:
+    """Algorithm 2.3, line 5: W[l] = argmin Tr(W^T W A) - 2 Tr(W^T B), approximately, in place
+    on the layer's weight and bias (the bias is the last column of [W | b]). ``U`` are this
+    minibatch's (augmented) inputs, which :func:`update_memory` has just added to A."""
+    if refactor:
+        factor_blocks(A, inverses, block=block, ridge=ridge)
+    else:
+        update_factors(inverses, U, decay, block=block)
+    if layer.bias is None:
+        bcd(layer.weight, A, B, sweeps=sweeps, block=block, inverses=inverses)
+        return
+    Wb = backend_of(A).append_column(layer.weight, layer.bias)
+    bcd(Wb, A, B, sweeps=sweeps, block=block, inverses=inverses)
+    layer.weight[...] = Wb[:, :-1]
+    layer.bias[...] = Wb[:, -1]
+
+
+class Slots(NamedTuple):
+    """What an AM step reads and writes besides the data: views that the learner owns.
+
+    ``layers`` and ``grads`` are views of one flat parameter and one flat gradient buffer
+    (so that one optimizer call steps all the layers it covers); ``hidden`` and ``out`` are
+    the optimizer states of the hidden layers (AM-Adam; None for AM-mem) and of the output
+    layer, and ``joint`` both at once where both are Adam (one call when their steps are
+    equal); ``memories`` are AM-mem's (A, B, block inverses) per hidden layer.
+    """
+
+    layers: list
+    grads: list
+    hidden: Any
+    out: Any
+    joint: Any
+    memories: list
+
+
+class AMHyper(NamedTuple):
+    """The hyperparameters of one step (from :class:`amstream.AMConfig` and the schedules)."""
+
+    activations: tuple
+    loss: str
+    mu: float
+    lr: float  # hidden layers (AM-Adam)
+    lr_out: float
+    t: int  # optimizer steps taken so far
+    code_iters_top: int = 1
+    code_iters: int = 1
+    code_solver: str = "linesearch"
+    code_step: float = 1.0
+    weight_iters: int = 1
+    uses_memory: bool = False
+    mem_decay: float = 1.0
+    mem_sweeps: int = 1
+    mem_block: int = 64
+    mem_ridge: float = 1e-4
+    mem_refactor: bool = True  # factor the memories' blocks anew (see memory_refactor_due)
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+
+
+def update_weights(x, y, codes: list, acts: list, residuals: list, slots: Slots, h: AMHyper,
+                   *, reduce: Reduce | None = None) -> None:
+    """Algorithm 2.3, updateWeights, given the new codes c[1..L], their activations and the
+    residuals the code solvers left (layer inputs are the activations of the new codes).
+
+    ``reduce(what, arrays)`` is called, when given, on each set of sums that a step adds up
+    over the samples - a hidden layer's gradient as soon as it is known, the output layer's,
+    AM-mem's memory increments - before they are used; it may sum them over processes in
+    place (:mod:`amstream.distributed`).
+    """
+    layers, grads = slots.layers, slots.grads
+    a_in = [x] + list(acts)
+    for it in range(h.weight_iters):
+        # line 1: W[L+1] <- W[L+1] - eta grad L(y, sigma(c[L]), W[L+1])
+        output_grad(a_in[-1], y, layers[-1], h.loss, grads[-1])
+        if reduce is not None:
+            reduce("grad", grads[-1])
+        if not h.uses_memory:
+            # lines 8-10: each hidden layer's own Adam step on its local least squares (6)
+            for l in range(len(layers) - 1):
+                r = residuals[l] if it == 0 else lsq_residual(codes[l], a_in[l], layers[l])
+                local_lsq_grad(a_in[l], r, h.mu, grads[l])
+                if reduce is not None:
+                    reduce("grad", grads[l])
+            if slots.joint is not None and h.lr == h.lr_out:  # every layer in one call
+                _optimizer_step(slots.joint, h.lr, h, h.t + it + 1)
+                continue
+            if slots.hidden is not None:
+                _optimizer_step(slots.hidden, h.lr, h, h.t + it + 1)
+        _optimizer_step(slots.out, h.lr_out, h, h.t + it + 1)
+    if h.uses_memory:
+        # lines 3-5: updateMemory, then W[l] = argmin Tr(W^T W A) - 2 Tr(W^T B)
+        for l, (A, B, inverses) in enumerate(slots.memories):
+            U = augment(a_in[l], layers[l].bias is not None)
+            update_memory(A, B, U, codes[l], h.mem_decay, reduce=reduce)
+            if h.mem_decay != 1.0 and (h.t // h.weight_iters + 1) % optim.FLUSH_EVERY == 0:
+                optim.flush(A, B)  # entries of inputs that stay 0 decay towards subnormals
+            fit_memory(layers[l], A, B, U, inverses, refactor=h.mem_refactor, decay=h.mem_decay,
+                       sweeps=h.mem_sweeps, block=h.mem_block, ridge=h.mem_ridge)
+
+
+def _optimizer_step(state, lr: float, h: AMHyper, t: int) -> None:
+    if isinstance(state, optim.AdamSlot):
+        optim.adam_step(state, t, lr=lr, betas=h.betas, eps=h.eps)
+    else:
+        optim.sgd_step(state, lr=lr, momentum=h.momentum)
+
+
+def am_step(x, y, slots: Slots, h: AMHyper, *, reduce: Reduce | None = None) -> tuple[Array, Array]:
+    """Algorithm 2.1: one online AM iteration on the minibatch (x, y), in place on ``slots``.
+
+    Returns the per-sample loss and the network output, both *before* the update.
+    """
+    # line 3: encodeInput (forward pass; the codes are the pre-activations)
+    enc = encode_input(x, slots.layers, h.activations)
+    losses, g_out = output_loss_grad(enc.out, y, h.loss)
+    if not enc.codes:  # no hidden layer: only the output layer learns
+        update_weights(x, y, [], [], [], slots, h, reduce=reduce)
+        return losses, enc.out
+    # line 4: updateCodes, top-down: problem (4) for c[L], problem (5) for l = L-1..1
+    codes, acts, residuals = update_codes(
+        enc, y, slots.layers, h.activations, h.mu, h.loss, iters_top=h.code_iters_top,
+        iters=h.code_iters, solver=h.code_solver, step=h.code_step, g_out_fwd=g_out)
+    residuals[0] = codes[0] - enc.codes[0]  # W[1] x + b[1] is the forward code
+    # line 5: updateWeights (Algorithm 2.3)
+    update_weights(x, y, codes, acts, residuals, slots, h, reduce=reduce)
+    return losses, enc.out

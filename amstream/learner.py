@@ -1,7 +1,7 @@
 """Learners: one interface for online AM (Algorithm 2.1) and the backprop baselines.
 
-Every consumer — the training loop, the streaming service, the River estimators, the
-Avalanche strategy, the benchmarks — drives a learner only through this interface::
+Every consumer - the training loop, the streaming service, the River estimators, the
+Avalanche strategy, the benchmarks - drives a learner only through this interface::
 
     learner = make_learner(AMConfig(arch=(784, 500, 500, 10), algo="am-adam"))
     update = learner.learn(x, y)          # exactly one update on this minibatch
@@ -10,8 +10,10 @@ Avalanche strategy, the benchmarks — drives a learner only through this interf
     state = learner.state_dict()          # everything needed to continue bit-for-bit
     learner.load_state_dict(state)
 
+Arrays go in as NumPy arrays or torch tensors and come out as the same kind.
+
 The algorithm itself is in :mod:`amstream.functional`; the classes here only hold state
-(weights, optimizer states, co-activation memories, counters, RNG) and call it.
+(weights, optimizer moments, co-activation memories, counters, RNG) and call it.
 """
 from __future__ import annotations
 
@@ -21,62 +23,93 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from amstream import functional as F
+from amstream.activations import torch_activation
+from amstream.backend import NUMPY, TORCH
 from amstream.config import AMConfig
 from amstream.exceptions import CheckpointError, ConfigError
+from amstream.optim import AdamSlot, SGDSlot
 
 __all__ = ["Learner", "AMLearner", "BackpropLearner", "Update", "make_learner", "learner_from_state"]
 
-STATE_VERSION = 1
+#: BACKENDS[name] for ``backend=``; "auto" is NumPy on the CPU and torch on other devices
+BACKENDS = {"numpy": NUMPY, "torch": TORCH}
+
+#: an update whose largest matrix product has at least this many multiply-adds runs NumPy's
+#: BLAS on torch's thread count (threadpoolctl): above it OpenBLAS would use every core, and
+#: on a machine whose cores are busy that was seen 10-40x slower than one thread
+BLAS_THREADED_WORK = 1 << 18
+_blas = None  # threadpoolctl.ThreadpoolController, built on first use (it inspects the process)
 
 
-@dataclass
+def _blas_threads(n: int):
+    """A context in which NumPy's BLAS uses at most n threads."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=n, user_api="blas")
+
+
 class Update:
     """What one call to :meth:`Learner.learn` reports.
 
     ``loss`` is the mean loss on the minibatch *before* the update and ``outputs`` the
     network outputs (logits for classification) *before* the update, so a prequential
-    (test-then-train) evaluation needs no second forward pass.
+    (test-then-train) evaluation needs no second forward pass. ``losses`` are the per-sample
+    losses; ``loss`` is computed from them when first read (on a GPU that read waits for the
+    device, so a caller that never reads it never waits).
     """
 
-    loss: float
-    outputs: Tensor
+    __slots__ = ("losses", "outputs", "_loss")
+
+    def __init__(self, losses: Any, outputs: Any):
+        self.losses = losses
+        self.outputs = outputs
+        self._loss: float | None = None
+
+    @property
+    def loss(self) -> float:
+        if self._loss is None:
+            self._loss = float(self.losses.mean()) if len(self.losses) else math.nan
+        return self._loss
+
+    def __repr__(self) -> str:
+        return f"Update(loss={self.loss:.6g}, outputs={tuple(self.outputs.shape)})"
 
 
-class _Sign(torch.autograd.Function):
-    """sign in the forward pass, straight-through estimator 1{|c| <= 1} in the backward."""
+class _Linear(nn.Linear):
+    """``nn.Linear`` that draws nothing from torch's global RNG when built: the learner
+    initialises the weights from its own generator."""
 
-    @staticmethod
-    def forward(ctx, c):  # type: ignore[override]
-        ctx.save_for_backward(c)
-        return torch.where(c >= 0, 1.0, -1.0).to(c.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (c,) = ctx.saved_tensors
-        return grad * (c.abs() <= 1.0).to(grad.dtype)
-
-
-def _activation_module_fn(name: str):
-    if name == "sign":
-        return _Sign.apply
-    return F.ACTIVATIONS[name].fn
+    def reset_parameters(self) -> None:
+        pass
 
 
 class MLP(nn.Module):
-    """A stack of Linear layers with per-layer activations (the model of eq. (1))."""
+    """A stack of Linear layers with per-layer activations (the model of eq. (1)).
 
-    def __init__(self, arch: tuple[int, ...], activations: tuple[str, ...], bias: bool):
+    Its forward pass is differentiable (``sign`` through its straight-through estimate): the
+    backprop baselines train it with autograd, and for the AM learners it is a view of their
+    weights for code that wants a ``torch.nn.Module`` (Avalanche's evaluation, for one).
+    """
+
+    def __init__(self, arch: tuple[int, ...], activations: tuple[str, ...], bias: bool,
+                 device: torch.device | str = "cpu"):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(arch[:-1], arch[1:]))
+        self.layers = nn.ModuleList(_Linear(i, o, bias=bias, device=device)
+                                    for i, o in zip(arch[:-1], arch[1:]))
         self.activations = activations
+        self._fns = [torch_activation(name) for name in activations]
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer, name in zip(self.layers[:-1], self.activations):
-            x = _activation_module_fn(name)(layer(x))
+        for layer, fn in zip(self.layers[:-1], self._fns):
+            x = fn(layer(x))
         return self.layers[-1](x)
 
     def as_layers(self) -> list[F.Layer]:
@@ -87,6 +120,7 @@ class Learner(abc.ABC):
     """Common state and the public interface of every learner."""
 
     kind = "base"
+    state_version = 1
 
     def __init__(self, config: AMConfig, *, device: str | torch.device = "cpu"):
         if not isinstance(config, AMConfig):
@@ -100,28 +134,31 @@ class Learner(abc.ABC):
         # every random draw of the learner comes from this generator (CPU, so that
         # CPU and CUDA runs start from the same weights)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.model = MLP(config.arch, config.activations, config.bias)
+        self.model = MLP(config.arch, config.activations, config.bias, self.device)
         self._init_weights()
-        self.model.to(self.device)
-        self._lr_factor = 1.0
 
     # -- the interface ------------------------------------------------------------
     @abc.abstractmethod
     def learn(self, x, y) -> Update:
         """Exactly one update on the minibatch (x [B, d], y [B] class ids or [B, m] targets)."""
 
-    @torch.no_grad()
-    def forward(self, x) -> Tensor:
-        """Network outputs (logits for classification)."""
-        return self.model(self._as_x(x))
+    def forward(self, x):
+        """Network outputs (logits for classification), as the kind of array ``x`` is."""
+        if isinstance(x, np.ndarray):
+            return self._forward_numpy(self._check_x(x))
+        with torch.no_grad():
+            return self.model(self._as_x(x))
 
-    def predict_proba(self, x) -> Tensor:
+    def predict_proba(self, x):
         """Class probabilities [B, n_classes] (classification only)."""
         if self.config.loss != "ce":
             raise ConfigError("`predict_proba` needs a classifier (`loss='ce'`)")
-        return torch.softmax(self.forward(x), dim=1)
+        out = self.forward(x)
+        if isinstance(out, np.ndarray):
+            return NUMPY.exp(NUMPY.log_softmax(out))
+        return torch.softmax(out, dim=1)
 
-    def predict(self, x) -> Tensor:
+    def predict(self, x):
         """Class ids [B] for classification, outputs [B, m] for regression."""
         out = self.forward(x)
         return out.argmax(1) if self.config.loss == "ce" else out
@@ -135,6 +172,12 @@ class Learner(abc.ABC):
         return min(c.mu * math.exp(self.n_updates * math.log(c.mu_growth)), c.mu_max)
 
     @property
+    def lr_factor(self) -> float:
+        """The learning-rate schedule's factor at the current update."""
+        c = self.config
+        return c.lr_decay ** (self.n_updates // c.lr_decay_every) if c.lr_decay_every else 1.0
+
+    @property
     def n_inputs(self) -> int:
         return self.config.arch[0]
 
@@ -146,12 +189,11 @@ class Learner(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and python values: safe for ``torch.load(weights_only=True)``."""
         return {
-            "version": STATE_VERSION,
+            "version": self.state_version,
             "kind": self.kind,
             "config": self.config.to_dict(),
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizers": {k: opt.state_dict() for k, opt in self._optimizers().items()},
-            "extra": self._extra_state(),
+            **self._own_state(),
             "n_updates": self.n_updates,
             "n_samples": self.n_samples,
             "generator": self.generator.get_state(),
@@ -159,26 +201,24 @@ class Learner(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the config must match this learner's."""
-        version = state.get("version")
-        if version != STATE_VERSION:
-            raise CheckpointError(f"learner state version `{version}` is not supported (expected {STATE_VERSION})")
         if state.get("kind") != self.kind:
             raise CheckpointError(f"learner state is for a `{state.get('kind')}` learner, this is `{self.kind}`")
+        state = self._upgrade(state)
+        version = state.get("version")
+        if version != self.state_version:
+            raise CheckpointError(f"learner state version `{version}` is not supported "
+                                  f"(expected {self.state_version})")
         saved = AMConfig.from_dict(state["config"])
         if saved != self.config:
             diff = [f.name for f in _fields(saved) if getattr(saved, f.name) != getattr(self.config, f.name)]
             raise CheckpointError(f"learner state does not match this learner's config (differs in {diff}); "
                                   "build the learner with `learner_from_state` instead")
-        self.model.load_state_dict(state["model"])
-        for name, opt in self._optimizers().items():
-            opt.load_state_dict(state["optimizers"][name])
-        self._load_extra_state(state.get("extra", {}))
+        self._load_own_state(state)
         self.n_updates = int(state["n_updates"])
         self.n_samples = int(state["n_samples"])
         self.generator.set_state(state["generator"])
-        self._on_counters_changed()
 
-    # -- growth (used by the River estimators) -------------------------------------
+    # -- growth (used by the River estimators and serve) -----------------------------
     @torch.no_grad()
     def expand(self, *, n_inputs: int | None = None, n_outputs: int | None = None) -> None:
         """Grow the input layer (new features) and/or the output layer (new classes).
@@ -187,32 +227,29 @@ class Learner(abc.ABC):
         rows start at zero too. Optimizer moments and memories are padded with zeros.
         """
         arch = list(self.config.arch)
-        if n_inputs is not None and n_inputs > arch[0]:
-            self._grow(0, dim=1, new=n_inputs)
+        grow_in = n_inputs is not None and n_inputs > arch[0]
+        grow_out = n_outputs is not None and n_outputs > arch[-1]
+        if not (grow_in or grow_out):
+            return
+        state = self.state_dict()
+        if grow_in:
             arch[0] = n_inputs
-        if n_outputs is not None and n_outputs > arch[-1]:
-            self._grow(len(self.model.layers) - 1, dim=0, new=n_outputs)
+        if grow_out:
             arch[-1] = n_outputs
+        last = len(arch) - 2
         self.config = self.config.replace(arch=tuple(arch))
-
-    def _grow(self, index: int, *, dim: int, new: int) -> None:
-        layer = self.model.layers[index]
-        params = [layer.weight] + ([layer.bias] if (layer.bias is not None and dim == 0) else [])
-        for p in params:
-            old = p.data
-            pad_shape = list(old.shape)
-            pad_shape[dim if p.dim() > 1 else 0] = new - old.shape[dim if p.dim() > 1 else 0]
-            p.data = torch.cat([old, old.new_zeros(pad_shape)], dim=dim if p.dim() > 1 else 0)
-            for opt in self._optimizers().values():
-                st = opt.state.get(p)
-                for key, val in list((st or {}).items()):
-                    if torch.is_tensor(val) and val.shape == old.shape:
-                        st[key] = torch.cat([val, val.new_zeros(pad_shape)], dim=dim if p.dim() > 1 else 0)
-        if dim == 0:
-            layer.out_features = new
-        else:
-            layer.in_features = new
-        self._grow_extra(index, dim=dim, new=new)
+        self.model = MLP(self.config.arch, self.config.activations, self.config.bias, self.device)
+        state["config"] = self.config.to_dict()
+        for name, tensor in list(_named_tensors(state)):
+            index = int(name.split(".")[1])
+            if grow_in and index == 0 and tensor.dim() == 2:
+                tensor = _pad(tensor, 1, arch[0])
+            if grow_out and index == last:
+                tensor = _pad(tensor, 0, arch[-1])
+            _set_named_tensor(state, name, tensor)
+        self._pad_extra(state)
+        self._build()
+        self.load_state_dict(state)
 
     # -- helpers ------------------------------------------------------------------
     def _init_weights(self) -> None:
@@ -224,218 +261,369 @@ class Learner(abc.ABC):
                 if m.bias is not None:
                     m.bias.copy_(torch.rand(m.bias.shape, generator=self.generator) * (2 * k) - k)
 
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float32 and x.dtype != np.float64:
+            x = x.astype(np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_inputs:
+            raise ConfigError(f"inputs must have shape [batch, {self.n_inputs}], got `{list(x.shape)}`")
+        return x
+
     def _as_x(self, x) -> Tensor:
         x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
         if x.dim() != 2 or x.shape[1] != self.n_inputs:
             raise ConfigError(f"inputs must have shape [batch, {self.n_inputs}], got `{list(x.shape)}`")
         return x
 
-    def _as_xy(self, x, y) -> tuple[Tensor, Tensor]:
-        x = self._as_x(x)
+    def _check_y(self, y, n: int, xp):
+        """Targets as the backend wants them: int64 class ids [B] or float32 [B, m]."""
         if self.config.loss == "ce":
-            y = torch.as_tensor(y, device=self.device).long().view(-1)
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.n_outputs):
+            y = y.reshape(-1)
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.n_outputs):
                 raise ConfigError(f"labels must be in [0, {self.n_outputs - 1}], got range "
                                   f"[{int(y.min())}, {int(y.max())}]")
         else:
-            y = torch.as_tensor(y, dtype=torch.float32, device=self.device).view(x.shape[0], -1)
+            y = y.reshape(n, -1)
             if y.shape[1] != self.n_outputs:
                 raise ConfigError(f"targets must have {self.n_outputs} columns, got {y.shape[1]}")
-        if y.shape[0] != x.shape[0]:
-            raise ConfigError(f"{x.shape[0]} inputs but {y.shape[0]} targets")
-        return x, y
+        if y.shape[0] != n:
+            raise ConfigError(f"{n} inputs but {y.shape[0]} targets")
+        return y
 
-    def _set_lr(self) -> None:
-        c = self.config
-        factor = c.lr_decay ** (self.n_updates // c.lr_decay_every) if c.lr_decay_every else 1.0
-        if factor != self._lr_factor:
-            for opt in self._optimizers().values():
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * factor
-            self._lr_factor = factor
-
-    def _on_counters_changed(self) -> None:
-        self._lr_factor = float("nan")  # force _set_lr to re-apply
-        self._set_lr()
-
-    def _make_optimizer(self, params: list[Tensor], name: str, lr: float) -> torch.optim.Optimizer:
-        c = self.config
-        if name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=c.momentum)
+    def _as_xy(self, x, y) -> tuple[Tensor, Tensor]:
+        x = self._as_x(x)
+        if self.config.loss == "ce":
+            y = torch.as_tensor(y, device=self.device).long()
         else:
-            fused = self.device.type in ("cpu", "cuda")
-            opt = torch.optim.Adam(params, lr=lr, betas=c.adam_betas, eps=c.adam_eps, fused=fused)
-        for group in opt.param_groups:
-            group["base_lr"] = lr
-        return opt
+            y = torch.as_tensor(y, dtype=torch.float32, device=self.device)
+        return x, self._check_y(y, x.shape[0], TORCH)
 
-    @abc.abstractmethod
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        pass
-
-    def _grow_extra(self, index: int, *, dim: int, new: int) -> None:
-        pass
+    def _forward_numpy(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(torch.from_numpy(x)).numpy()
 
     def _count(self, n: int) -> None:
         self.n_updates += 1
         self.n_samples += n
+
+    @abc.abstractmethod
+    def _own_state(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _load_own_state(self, state: dict[str, Any]) -> None: ...
+
+    def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state
+
+    def _pad_extra(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _build(self) -> None:
+        pass
 
 
 def _fields(cfg: AMConfig) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cfg) if f.compare]
 
 
+def _pad(t: Tensor, dim: int, size: int) -> Tensor:
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _named_tensors(state: dict[str, Any]):
+    """(``"<group>/layers.i.weight"``, tensor) for every per-parameter tensor of a state."""
+    for name, t in state["model"].items():
+        yield f"model/{name}", t
+    for buffer, tensors in state.get("optimizer", {}).items():
+        for name, t in tensors.items():
+            yield f"{buffer}/{name}", t
+
+
+def _set_named_tensor(state: dict[str, Any], key: str, tensor: Tensor) -> None:
+    group, name = key.split("/")
+    (state["model"] if group == "model" else state["optimizer"][group])[name] = tensor
+
+
 class AMLearner(Learner):
     """Online alternating minimization, Algorithm 2.1: AM-Adam or AM-mem (Mem = True).
 
     One :meth:`learn` call is one iteration of the while-loop of Algorithm 2.1 on a
-    minibatch: encodeInput, updateCodes, updateWeights (see :mod:`amstream.functional`).
-    The ``-off`` algos are the same update; the caller feeds the whole training set as
-    one minibatch per iteration.
+    minibatch: :func:`amstream.functional.am_step`. The ``-off`` algos are the same update;
+    the caller feeds the whole training set as one minibatch per iteration.
+
+    The state lives in flat buffers - parameters, gradients, optimizer moments - with one
+    view per layer, so that one optimizer call steps every layer it covers. On the CPU the
+    buffers are NumPy arrays that torch tensors share (``learner.model``'s parameters are
+    such views), so the update can run on either backend of :mod:`amstream.backend`;
+    ``backend="auto"`` takes NumPy there, which measured faster than torch at equal thread
+    counts from River-sized nets to 784-100-100-10 at minibatch 512
+    (``benchmarks/backend_crossover.py``), and torch on other devices. The optimizer steps
+    use torch's fused Adam kernel on either backend (:mod:`amstream.optim`).
     """
 
     kind = "am"
+    state_version = 2
 
-    def __init__(self, config: AMConfig, *, device: str | torch.device = "cpu"):
+    def __init__(self, config: AMConfig, *, device: str | torch.device = "cpu", backend: str = "auto"):
         if not config.is_am:
             raise ConfigError(f"AMLearner needs an am-* algo, got `{config.algo}`")
         super().__init__(config, device=device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        layers = self.model.layers
-        out_params = list(layers[-1].parameters())
-        hidden_params = [p for m in layers[:-1] for p in m.parameters()]
-        self.memories: list[tuple[Tensor, Tensor]] = []
-        self.opt = None      # AM-Adam: hidden layers (and the output layer when it uses Adam)
-        self.out_opt = None  # the output layer's own optimizer otherwise
-        if config.uses_memory:
-            for m in layers[:-1]:
-                n_in = m.in_features + (1 if config.bias else 0)
-                self.memories.append((torch.zeros(n_in, n_in, device=self.device),
-                                      torch.zeros(m.out_features, n_in, device=self.device)))
-        elif hidden_params:
-            # one Adam per hidden layer, held as param groups of one optimizer: the same
-            # arithmetic (Adam is elementwise, each layer sees only its own gradients) in a
-            # single fused kernel call
-            self.opt = self._make_optimizer(hidden_params, "adam", config.lr)
-        if self.opt is not None and config.out_optimizer == "adam":
-            self.opt.add_param_group({"params": out_params, "lr": config.lr_out, "base_lr": config.lr_out})
+        if backend not in ("auto", *BACKENDS):
+            raise ConfigError(f"`backend` must be `auto`, `numpy` or `torch`, got `{backend}`")
+        if backend == "numpy" and self.device.type != "cpu":
+            raise ConfigError(f"`backend` `numpy` runs on the CPU only, not on `{self.device}`")
+        if backend == "auto":
+            backend = "numpy" if self.device.type == "cpu" else "torch"
+        self.backend = BACKENDS[backend]
+        initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._build()
+        _copy_named(self._views(TORCH).params, initial, "model")
+
+    # -- buffers and views -----------------------------------------------------------
+    def _build(self) -> None:
+        """Allocate the flat buffers for the current config and point the model at them."""
+        c = self.config
+        names = [f"layers.{i}.{kind}" for i, m in enumerate(self.model.layers)
+                 for kind in (("weight", "bias") if c.bias else ("weight",))]
+        shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        sizes = [math.prod(shapes[n]) for n in names]
+        n_out = sum(sizes[-2:] if c.bias else sizes[-1:])
+        total = sum(sizes)
+        self._hidden_size = total - n_out  # the hidden layers come first in the buffers
+        self._max_fan = max(i * o for i, o in zip(c.arch[:-1], c.arch[1:]))  # see BLAS_THREADED_WORK
+        self._min_block = min(min(c.mem_block, n + c.bias) for n in c.arch[:-2]) if c.n_hidden else 1
+        on_cpu = self.device.type == "cpu"
+
+        def zeros(*shape):
+            if on_cpu:
+                return np.zeros(shape, dtype=np.float32)
+            return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+        self._names, self._shapes, self._sizes = names, shapes, sizes
+        b = {"param": zeros(total), "grad": zeros(total)}
+        adam_from = self._hidden_size if c.uses_memory else 0  # where Adam's moments start
+        if c.out_optimizer == "sgd":
+            b["momentum_buffer"] = zeros(n_out)
+            adam_to = self._hidden_size
         else:
-            self.out_opt = self._make_optimizer(out_params, config.out_optimizer, config.lr_out)
-
-    def _optimizers(self):
-        opts = {}
-        if self.opt is not None:
-            opts["adam"] = self.opt
-        if self.out_opt is not None:
-            opts["out"] = self.out_opt
-        return opts
-
-    @torch.no_grad()
-    def learn(self, x, y) -> Update:
-        x, y = self._as_xy(x, y)
-        c = self.config
-        self._set_lr()
-        layers = self.model.as_layers()
-        acts = c.activations
-        mu = self.mu
-
-        # Algorithm 2.1, line 3: encodeInput (forward pass; the codes are the pre-activations)
-        enc = F.encode_input(x, layers, acts)
-        loss_before, g_out = F.output_loss_grad(enc.out, y, c.loss)
-        update = Update(float(loss_before.mean()), enc.out)
-        if not enc.codes:  # no hidden layer: only the output layer learns
-            self._step_output(x, y, layers[-1])
-            self._count(x.shape[0])
-            return update
-
-        # line 4: updateCodes, top-down: problem (4) for c[L], problem (5) for l = L-1..1
-        codes, acts_new, residuals = F.update_codes(
-            enc, y, layers, acts, mu, c.loss, iters_top=c.code_iters_top, iters=c.code_iters,
-            solver=c.code_solver, step=c.code_step, g_out_fwd=g_out)
-
-        # line 5: updateWeights (Algorithm 2.3); layer inputs are the activations of the new codes
-        a_in = [x] + acts_new
+            adam_to = total
+        if adam_to > adam_from:
+            b["exp_avg"], b["exp_avg_sq"] = zeros(adam_to - adam_from), zeros(adam_to - adam_from)
+        self._adam_range = (adam_from, adam_to)
+        self._buffers = b
+        # AM-mem: per hidden layer the memories A, B and the inverses of A's diagonal blocks
+        self.memories: list[tuple[Any, Any, list]] = []
         if c.uses_memory:
-            self._step_output(a_in[-1], y, layers[-1])                               # line 1
-            for l, (A, B) in enumerate(self.memories):                               # lines 3-5
-                F.update_memory(A, B, F.augment(a_in[l], c.bias), codes[l], c.mem_decay)
-                self._fit_memory(self.model.layers[l], A, B)
-        else:                                                                        # lines 1, 8-10
-            residuals[0] = codes[0] - enc.codes[0]  # W[1] x + b[1] is the forward code
-            for it in range(c.weight_iters):
-                for l, layer in enumerate(layers[:-1]):
-                    r = residuals[l] if it == 0 else F.lsq_residual(codes[l], a_in[l], layer)
-                    layer.weight.grad, g_b = F.local_lsq_grad(a_in[l], r, mu, layer.bias is not None)
-                    if layer.bias is not None:
-                        layer.bias.grad = g_b
-                self._output_grads(a_in[-1], y, layers[-1])
-                self.opt.step()
-                if self.out_opt is not None:
-                    self.out_opt.step()
+            for m in self.model.layers[:-1]:
+                n_in = m.in_features + (1 if c.bias else 0)
+                inverses = [zeros(J.stop - J.start, J.stop - J.start) for J in F.blocks(n_in, c.mem_block)]
+                self.memories.append((zeros(n_in, n_in), zeros(m.out_features, n_in), inverses))
+        self._mem_age = 0  # updates since the block inverses were computed (0: never)
+        self._view_cache: dict[str, Any] = {}
+        params = self._views(TORCH).params
+        for i, m in enumerate(self.model.layers):
+            m.weight = nn.Parameter(params[f"layers.{i}.weight"], requires_grad=False)
+            if c.bias:
+                m.bias = nn.Parameter(params[f"layers.{i}.bias"], requires_grad=False)
+
+    def _views(self, xp) -> Any:
+        """The buffers as ``xp``'s arrays, cut into per-layer views and optimizer slots."""
+        views = self._view_cache.get(xp.name)
+        if views is None:
+            views = self._view_cache[xp.name] = _Views(self, xp)
+        return views
+
+    # -- the update ----------------------------------------------------------------
+    def learn(self, x, y) -> Update:
+        """Algorithm 2.1 on one minibatch (:func:`amstream.functional.am_step`)."""
+        as_numpy = isinstance(x, np.ndarray)
+        if as_numpy:
+            x = self._check_x(x).astype(np.float32, copy=False)
+            y = self._check_y(np.asarray(y, dtype=np.int64 if self.config.loss == "ce" else np.float32),
+                              x.shape[0], NUMPY)
+        else:
+            x, y = self._as_xy(x, y)
+        xp = self.backend
+        if xp is NUMPY and not as_numpy:
+            x, y = x.numpy(), y.numpy()
+        elif xp is TORCH and as_numpy:
+            x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+        h = self._hyper(x.shape[0])
+        if xp is NUMPY and x.shape[0] * self._max_fan >= BLAS_THREADED_WORK:
+            with _blas_threads(torch.get_num_threads()):
+                losses, outputs = F.am_step(x, y, self._views(xp).slots, h)
+        else:
+            losses, outputs = F.am_step(x, y, self._views(xp).slots, h)
+        if h.uses_memory:
+            self._mem_age = 1 if h.mem_refactor else self._mem_age + 1
+        if as_numpy and xp is TORCH:
+            losses, outputs = losses.cpu().numpy(), outputs.cpu().numpy()
+        elif not as_numpy and xp is NUMPY:
+            losses, outputs = torch.from_numpy(losses), torch.from_numpy(outputs)
         self._count(x.shape[0])
-        return update
+        return Update(losses, outputs)
 
-    def _output_grads(self, a_top: Tensor, y: Tensor, out_layer: F.Layer) -> None:
-        g_w, g_b, _ = F.output_grad(a_top, y, out_layer, self.config.loss)
-        out_layer.weight.grad = g_w
-        if out_layer.bias is not None:
-            out_layer.bias.grad = g_b
-
-    def _step_output(self, a_top: Tensor, y: Tensor, out_layer: F.Layer) -> None:
-        """Algorithm 2.3, line 1: W[L+1] <- W[L+1] - eta grad L(y, sigma(c[L]), W[L+1])."""
-        for _ in range(self.config.weight_iters):
-            self._output_grads(a_top, y, out_layer)
-            (self.out_opt or self.opt).step()
-
-    def _fit_memory(self, layer: nn.Linear, A: Tensor, B: Tensor) -> None:
-        """W[l] = argmin Tr(W^T W A) - 2 Tr(W^T B), approximately, by BCD (line 5)."""
+    def _hyper(self, batch: int) -> F.AMHyper:
         c = self.config
-        if layer.bias is None:
-            F.bcd(layer.weight, A, B, sweeps=c.mem_sweeps, block=c.mem_block, ridge=c.mem_ridge)
-            return
-        W = torch.cat([layer.weight, layer.bias.view(-1, 1)], dim=1)
-        F.bcd(W, A, B, sweeps=c.mem_sweeps, block=c.mem_block, ridge=c.mem_ridge)
-        layer.weight.copy_(W[:, :-1])
-        layer.bias.copy_(W[:, -1])
+        factor = self.lr_factor
+        refactor = c.uses_memory and F.memory_refactor_due(self._mem_age, batch, c.mem_decay, self._min_block)
+        return F.AMHyper(
+            activations=c.activations, loss=c.loss, mu=self.mu, lr=c.lr * factor,
+            lr_out=c.lr_out * factor, t=self.n_updates * c.weight_iters,
+            code_iters_top=c.code_iters_top, code_iters=c.code_iters, code_solver=c.code_solver,
+            code_step=c.code_step, weight_iters=c.weight_iters, uses_memory=c.uses_memory,
+            mem_decay=c.mem_decay, mem_sweeps=c.mem_sweeps, mem_block=c.mem_block,
+            mem_ridge=c.mem_ridge, mem_refactor=refactor, betas=c.adam_betas, eps=c.adam_eps, momentum=c.momentum)
 
-    def _extra_state(self):
-        return {"memories": [[A.clone(), B.clone()] for A, B in self.memories]}
+    def _forward_numpy(self, x: np.ndarray) -> np.ndarray:
+        if self.device.type != "cpu":
+            return super()._forward_numpy(x)
+        return F.encode_input(x, self._views(NUMPY).slots.layers, self.config.activations).out
 
-    def _load_extra_state(self, extra):
-        saved = extra.get("memories", [])
-        if len(saved) != len(self.memories):
-            raise CheckpointError(f"learner state has {len(saved)} memories, this learner {len(self.memories)}")
-        for (A, B), (sA, sB) in zip(self.memories, saved):
+    # -- state -----------------------------------------------------------------------
+    def _own_state(self) -> dict[str, Any]:
+        views = self._views(TORCH)
+        optimizer = {key: {n: t.clone() for n, t in per_name.items()}
+                     for key, per_name in views.per_param.items()}
+        return {"optimizer": optimizer,
+                "memories": [[A.clone(), B.clone()] for A, B, _ in views.memories],
+                "memory_factors": {"age": self._mem_age,
+                                   "inverses": [[P.clone() for P in inverses] for _, _, inverses in views.memories]}}
+
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        views = self._views(TORCH)
+        _copy_named(views.params, state["model"], "model")
+        saved = state.get("optimizer", {})
+        unknown = sorted(set(saved) - set(views.per_param))
+        if unknown:
+            raise CheckpointError(f"learner state has optimizer buffers {unknown} that this learner "
+                                  f"does not use (it has {sorted(views.per_param)})")
+        for key, per_name in views.per_param.items():
+            if key in saved:
+                _copy_named(per_name, saved[key], key)
+            else:  # not created yet when the state was saved (a v1 state before any update)
+                for t in per_name.values():
+                    t.zero_()
+        memories = state.get("memories", [])
+        if len(memories) != len(self.memories):
+            raise CheckpointError(f"learner state has {len(memories)} memories, this learner {len(self.memories)}")
+        for (A, B, _), (sA, sB) in zip(views.memories, memories):
             A.copy_(sA)
             B.copy_(sB)
+        factors = state.get("memory_factors")
+        self._mem_age = 0  # none saved (an older state, a grown layer): computed at the next update
+        if factors is not None and memories:
+            for (_, _, inverses), saved in zip(views.memories, factors["inverses"]):
+                for P, sP in zip(inverses, saved):
+                    P.copy_(sP)
+            self._mem_age = int(factors["age"])
 
-    def _grow_extra(self, index, *, dim, new):
-        if not self.memories or index >= len(self.memories) or dim != 1:
+    def _pad_extra(self, state: dict[str, Any]) -> None:
+        """Memories of a grown input layer: zero rows and columns for the new inputs, the
+        bias's row and column staying last."""
+        if not state["memories"] or self.config.arch[0] == state["memories"][0][0].shape[0] - self.config.bias:
             return
-        A, B = self.memories[index]
+        A, B = state["memories"][0]
         n_old = A.shape[0] - (1 if self.config.bias else 0)
-        add = new - n_old
-        keep = slice(0, n_old)
-        A2 = A.new_zeros(A.shape[0] + add, A.shape[0] + add)
-        B2 = B.new_zeros(B.shape[0], B.shape[1] + add)
-        A2[keep, keep] = A[keep, keep]
-        B2[:, keep] = B[:, keep]
-        if self.config.bias:  # the constant column stays last
-            A2[-1, -1] = A[-1, -1]
-            A2[-1, keep] = A[-1, keep]
-            A2[keep, -1] = A[keep, -1]
-            B2[:, -1] = B[:, -1]
-        self.memories[index] = (A2, B2)
+        n_new = self.config.arch[0] + (1 if self.config.bias else 0)
+        index = torch.cat([torch.arange(n_old), torch.arange(n_new - 1, n_new)]) if self.config.bias \
+            else torch.arange(n_old)
+        A2, B2 = A.new_zeros(n_new, n_new), B.new_zeros(B.shape[0], n_new)
+        A2[index.view(-1, 1), index.view(1, -1)] = A
+        B2[:, index] = B
+        state["memories"][0] = [A2, B2]
+        state.pop("memory_factors", None)  # the grown memory is factored anew
+
+    def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 (amstream 0.1.0: torch.optim state dicts) to version 2 (named buffers)."""
+        if state.get("version") != 1:
+            return state
+        config = AMConfig.from_dict(state["config"])
+        names = list(state["model"])
+        out_names = names[-2:] if config.bias else names[-1:]
+        hidden_names = names[:len(names) - len(out_names)]
+        optimizer: dict[str, dict[str, Tensor]] = {}
+        for key, opt in state["optimizers"].items():
+            order = [i for group in opt["param_groups"] for i in group["params"]]
+            if key == "adam":
+                owned = hidden_names + (out_names if len(order) > len(hidden_names) else [])
+            else:
+                owned = out_names
+            for index, name in zip(order, owned):
+                for buffer, value in opt["state"].get(index, {}).items():
+                    if buffer != "step":
+                        optimizer.setdefault(buffer, {})[name] = value
+        return {**{k: v for k, v in state.items() if k not in ("optimizers", "extra")}, "version": 2,
+                "optimizer": optimizer, "memories": state.get("extra", {}).get("memories", [])}
 
     def memory(self, layer: int) -> tuple[Tensor, Tensor]:
         """The co-activation memories (A, B) of hidden layer ``layer`` (0-based), AM-mem only."""
-        return self.memories[layer]
+        A, B, _ = self._views(TORCH).memories[layer]
+        return A, B
+
+
+class _Views:
+    """One backend's views of an AMLearner's flat buffers."""
+
+    def __init__(self, learner: AMLearner, xp):
+        def as_torch(a):
+            return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+        def as_xp(a):
+            if xp is TORCH:
+                return as_torch(a)
+            return a if isinstance(a, np.ndarray) else a.numpy()
+
+        b = {k: as_xp(v) for k, v in learner._buffers.items()}
+        # the optimizers step torch views whatever the backend: on the CPU they share the
+        # NumPy buffers' memory, and torch's fused Adam is the fastest at every size
+        bt = {k: as_torch(v) for k, v in learner._buffers.items()}
+        names, shapes, sizes = learner._names, learner._shapes, learner._sizes
+        offsets = np.cumsum([0] + sizes).tolist()
+        span = dict(zip(names, zip(offsets[:-1], offsets[1:])))
+        self.params = {n: b["param"][s:e].reshape(shapes[n]) for n, (s, e) in span.items()}
+        grads = {n: b["grad"][s:e].reshape(shapes[n]) for n, (s, e) in span.items()}
+        # per parameter name, the optimizer buffers that cover it (for the state dict)
+        self.per_param: dict[str, dict[str, Any]] = {}
+        a0, a1 = learner._adam_range
+        h = learner._hidden_size
+        for key, start in (("exp_avg", a0), ("exp_avg_sq", a0), ("momentum_buffer", h)):
+            if key in b:
+                self.per_param[key] = {n: b[key][s - start:e - start].reshape(shapes[n])
+                                       for n, (s, e) in span.items() if start <= s and e - start <= len(b[key])}
+
+        def adam(s, e):
+            return AdamSlot(bt["param"][s:e], bt["grad"][s:e], bt["exp_avg"][s - a0:e - a0],
+                            bt["exp_avg_sq"][s - a0:e - a0])
+
+        c = learner.config
+        total = len(b["param"])
+        hidden = adam(0, h) if (not c.uses_memory and h > 0) else None
+        if c.out_optimizer == "sgd":
+            out = SGDSlot(bt["param"][h:], bt["grad"][h:], bt["momentum_buffer"])
+        else:
+            out = adam(h, total)
+        n_layers = len(c.arch) - 1
+
+        def layer(store, i):
+            return F.Layer(store[f"layers.{i}.weight"], store.get(f"layers.{i}.bias"))
+
+        self.memories = [(as_xp(A), as_xp(B), [as_xp(P) for P in inverses])
+                         for A, B, inverses in learner.memories]
+        joint = adam(0, total) if (hidden is not None and isinstance(out, AdamSlot)) else None
+        self.slots = F.Slots(layers=[layer(self.params, i) for i in range(n_layers)],
+                             grads=[layer(grads, i) for i in range(n_layers)],
+                             hidden=hidden, out=out, joint=joint, memories=self.memories)
+
+
+def _copy_named(dest: dict[str, Any], src: dict[str, Any], what: str) -> None:
+    if set(dest) != set(src):
+        raise CheckpointError(f"learner state's `{what}` has {sorted(src)}, this learner {sorted(dest)}")
+    for name, t in dest.items():
+        if tuple(src[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"learner state's `{what}` `{name}` has shape {list(src[name].shape)}, "
+                                  f"this learner {list(t.shape)}")
+        t.copy_(src[name])
 
 
 class BackpropLearner(Learner):
@@ -447,45 +635,80 @@ class BackpropLearner(Learner):
         if config.is_am:
             raise ConfigError(f"BackpropLearner needs sgd, adam or ste, got `{config.algo}`")
         super().__init__(config, device=device)
-        name = "sgd" if config.algo == "sgd" else "adam"
-        self.opt = self._make_optimizer(list(self.model.parameters()), name, config.lr)
+        self._build()
+        self._lr_factor = 1.0
 
-    def _optimizers(self):
-        return {"opt": self.opt}
+    def _build(self) -> None:
+        c = self.config
+        params = list(self.model.parameters())
+        if c.algo == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum)
+        else:
+            fused = self.device.type in ("cpu", "cuda")
+            self.opt = torch.optim.Adam(params, lr=c.lr, betas=c.adam_betas, eps=c.adam_eps, fused=fused)
 
     def learn(self, x, y) -> Update:
+        as_numpy = isinstance(x, np.ndarray)
         x, y = self._as_xy(x, y)
-        self._set_lr()
+        factor = self.lr_factor
+        for group in self.opt.param_groups:
+            group["lr"] = self.config.lr * factor
         with torch.enable_grad():  # callers may hold torch.no_grad()
             out = self.model(x)
             if self.config.loss == "ce":
-                loss = nn.functional.cross_entropy(out, y)
+                losses = nn.functional.cross_entropy(out, y, reduction="none")
             else:
-                loss = 0.5 * (out - y).pow(2).sum(1).mean()
+                losses = 0.5 * (out - y).pow(2).sum(1)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.mean().backward()
         self.opt.step()
         self._count(x.shape[0])
-        return Update(float(loss.detach()), out.detach())
+        losses, out = losses.detach(), out.detach()
+        if as_numpy:
+            losses, out = losses.cpu().numpy(), out.cpu().numpy()
+        return Update(losses, out)
+
+    def _own_state(self) -> dict[str, Any]:
+        return {"optimizers": {"opt": self.opt.state_dict()}}
+
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizers"]["opt"])
+
+    def _pad_extra(self, state: dict[str, Any]) -> None:
+        """torch.optim's state is keyed by position: pad each moment to its parameter's shape."""
+        shapes = [p.shape for p in self.model.parameters()]
+        for index, st in state["optimizers"]["opt"]["state"].items():
+            for key, value in list(st.items()):
+                if torch.is_tensor(value) and value.dim() and value.shape != shapes[index]:
+                    for dim, size in enumerate(shapes[index]):
+                        value = _pad(value, dim, size) if value.shape[dim] < size else value
+                    st[key] = value
 
 
-def make_learner(config: AMConfig | None = None, *, device: str | torch.device = "cpu", **kwargs: Any) -> Learner:
-    """Build the learner for ``config.algo`` (keyword arguments build the config)."""
+def make_learner(config: AMConfig | None = None, *, device: str | torch.device = "cpu",
+                 backend: str = "auto", **kwargs: Any) -> Learner:
+    """Build the learner for ``config.algo`` (keyword arguments build the config).
+
+    ``backend`` (AM learners): ``"numpy"``, ``"torch"`` or ``"auto"`` (NumPy on the CPU, torch
+    on other devices); the backprop baselines always run on torch.
+    """
     if config is None:
         config = AMConfig(**kwargs)
     elif kwargs:
         config = config.replace(**kwargs)
-    cls = AMLearner if config.is_am else BackpropLearner
-    return cls(config, device=device)
+    if config.is_am:
+        return AMLearner(config, device=device, backend=backend)
+    return BackpropLearner(config, device=device)
 
 
-def learner_from_state(state: dict[str, Any], *, device: str | torch.device = "cpu") -> Learner:
+def learner_from_state(state: dict[str, Any], *, device: str | torch.device = "cpu",
+                       backend: str = "auto") -> Learner:
     """Rebuild a learner from :meth:`Learner.state_dict` output (config included)."""
     try:
         config = AMConfig.from_dict(state["config"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"learner state has no valid `config`: {exc}") from None
-    learner = make_learner(config, device=device)
+    learner = make_learner(config, device=device, backend=backend)
     learner.load_state_dict(state)
     return learner
-

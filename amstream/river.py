@@ -36,7 +36,6 @@ from river import base
 from amstream.config import AMConfig
 from amstream.exceptions import CheckpointError, ConfigError
 from amstream.learner import Learner, learner_from_state, make_learner
-from amstream.numpy_am import NumpyAM
 
 __all__ = ["AMClassifier", "AMRegressor"]
 
@@ -44,36 +43,6 @@ STATE_VERSION = 1
 
 # AMConfig fields that the estimators set themselves: not allowed in ``config``
 _OWN_FIELDS = ("arch", "activation", "algo", "loss", "lr", "lr_out", "mu", "mem_decay", "mem_ridge", "seed")
-
-
-# The engine's activations (amstream.functional.ACTIVATIONS) in NumPy, for predictions;
-# each may overwrite its argument
-def _relu(c: np.ndarray) -> np.ndarray:
-    return np.maximum(c, 0.0, out=c)
-
-
-def _leaky_relu(c: np.ndarray) -> np.ndarray:
-    return np.where(c > 0, c, 0.01 * c)
-
-
-def _tanh(c: np.ndarray) -> np.ndarray:
-    return np.tanh(c, out=c)
-
-
-def _sigmoid(c: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -c))
-
-
-def _identity(c: np.ndarray) -> np.ndarray:
-    return c
-
-
-def _sign(c: np.ndarray) -> np.ndarray:
-    return np.where(c >= 0, 1.0, -1.0)  # sign(0) = +1, as in the engine
-
-
-_NP_ACTIVATIONS = {"relu": _relu, "leaky_relu": _leaky_relu, "tanh": _tanh, "sigmoid": _sigmoid,
-                   "identity": _identity, "sign": _sign}
 
 
 def _values(x: dict, dtype) -> np.ndarray:
@@ -140,17 +109,9 @@ class _AMEstimator(base.Estimator):
         self._n_buf = 0
         self._n_updates = 0
         self._batch = self._current_batch()  # size of the minibatch being filled
-        self._version = 0  # bumped whenever the weights or their shapes change
-        # caches (derived from the state above)
-        self._keys: list = []  # the last fully known key order seen by learn_one ...
-        self._cols: Any = slice(0, 0)  # ... and where its values go
-        self._shape_version = 0  # bumped whenever the learner's tensors are replaced
-        # NumPy views of the learner's weights (transposed), biases and activations, for
-        # predictions: they follow every update; taken again when the tensors are replaced
-        self._np_layers: list[tuple[np.ndarray, np.ndarray, Any]] = []
-        self._np_views_of: Any = None
-        self._np_views_version = -1
-        self._np_am: NumpyAM | None = None  # NumPy views for the AM update (see NumpyAM)
+        # derived from the features: the last key order learn_one saw, and where its values go
+        self._keys: list = []
+        self._cols: Any = slice(0, 0)
 
     # -- parameters -------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -216,9 +177,6 @@ class _AMEstimator(base.Estimator):
             self._xbuf = grown
         if self._learner is not None and width > self._learner.n_inputs:
             self._learner.expand(n_inputs=width)
-            self._version += 1
-            self._shape_version += 1
-            self._np_am = None  # expand replaced the tensors
 
     def _columns(self, keys: list) -> Any:
         """Input columns of ``keys`` (all known): a slice when they are in column order."""
@@ -255,23 +213,22 @@ class _AMEstimator(base.Estimator):
     def _forward_one(self, x: dict) -> np.ndarray:
         """Outputs [C] for one sample, in float64. When x lists its features in the order
         learn_one last saw, its values are read in one call and placed by the cached columns."""
-        layers = self._layers()
+        row = None
         if list(x) == self._keys:
             try:
-                v = np.fromiter(x.values(), np.float64, len(x))
+                values = np.fromiter(x.values(), np.float64, len(x))
             except (TypeError, ValueError):
-                v = None
-            if v is not None:
+                values = None
+            if values is not None and math.isfinite(values.sum()):
                 cols = self._cols
-                if cols.__class__ is not slice or cols.stop != layers[0][0].shape[1]:
-                    row = np.zeros(layers[0][0].shape[1])
-                    row[cols] = v
-                    v = row
-                for w, b, act in layers:
-                    v = act(w @ v + b)
-                if math.isfinite(v.sum()):
-                    return v
-        return self._forward(self._row(x))[0]  # missing or non-finite values, new key order
+                if cols.__class__ is slice and cols.stop == self._n_inputs:
+                    row = values.reshape(1, -1)
+                else:
+                    row = np.zeros((1, self._n_inputs))
+                    row[0, cols] = values
+        if row is None:  # missing or non-finite values, another key order
+            row = self._row(x)
+        return self._learner.forward(row)[0]
 
     def _matrix(self, X) -> np.ndarray:
         """DataFrame -> float64 inputs for predictions; unknown columns ignored, NaN is 0."""
@@ -325,41 +282,16 @@ class _AMEstimator(base.Estimator):
         if self._learner is None:
             seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**31)
             self._learner = make_learner(self._am_config(self._n_inputs, self._n_outputs(), seed))
-            self._shape_version += 1
-        if self._np_am is None or not self._np_am.valid():
-            self._np_am = NumpyAM.attach(self._learner)
-        if self._np_am is not None:
-            if n == 1:
-                self._np_am.learn1(x[0], self._ybuf[0])
-            else:
-                self._np_am.learn(x, self._ybuf[:n])
-        else:  # the engine itself: other configurations, and the first update (creates Adam's state)
-            self._learner.learn(torch.from_numpy(x), torch.from_numpy(self._ybuf[:n]))
+        self._learner.learn(x, self._ybuf[:n])
         x.fill(0.0)
         self._n_buf = 0
         self._n_updates += 1
         self._batch = self._current_batch()
-        self._version += 1
 
     # -- predictions --------------------------------------------------------------------
-    def _layers(self) -> list[tuple[np.ndarray, np.ndarray, Any]]:
-        """(weight, bias, activation) per layer: NumPy views of the learner's float32 tensors,
-        so they always hold the current weights (predictions compute in float64)."""
-        if self._np_views_of is not self._np_am or self._np_views_version != self._shape_version:
-            layers = []
-            for m, act in zip(self._learner.model.layers, (*self._learner.config.activations, "identity")):
-                w = m.weight.detach().numpy()
-                b = np.zeros(w.shape[0], dtype=np.float32) if m.bias is None else m.bias.detach().numpy()
-                layers.append((w, b, _NP_ACTIVATIONS[act]))
-            self._np_layers = layers
-            self._np_views_of, self._np_views_version = self._np_am, self._shape_version
-        return self._np_layers
-
     def _forward(self, x: np.ndarray) -> np.ndarray:
         """Network outputs in float64 with the current weights (x is float64 [n, d])."""
-        for w, b, act in self._layers():
-            x = act(x @ w.T + b)
-        return x
+        return self._learner.forward(x)
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -400,7 +332,6 @@ class _AMEstimator(base.Estimator):
         fresh._n_buf = len(bx)
         fresh._n_updates = int(state["n_updates"])
         fresh._batch = fresh._current_batch()
-        fresh._version = 1
         self.__dict__.update(fresh.__dict__)
 
     # -- pickling (River's persistence, copy.deepcopy) ---------------------------------
@@ -413,7 +344,6 @@ class _AMEstimator(base.Estimator):
             buffer = io.BytesIO()
             torch.save(self._learner.state_dict(), buffer)
             state["_learner"] = buffer.getvalue()
-        state.update(_np_layers=[], _np_views_of=None, _np_views_version=-1, _np_am=None)  # caches
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -601,9 +531,6 @@ class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
         self._classes.append(y)
         if self._learner is not None and len(self._classes) > self._learner.n_outputs:
             self._learner.expand(n_outputs=len(self._classes))
-            self._version += 1
-            self._shape_version += 1
-            self._np_am = None  # expand replaced the tensors
         return index
 
     def _register_targets(self, targets: list) -> None:

@@ -145,6 +145,6 @@ def test_iter_continual_resume_is_bit_exact(algo):
     a, b = one.state_dict(), resumed.state_dict()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k])
-    for (A1, B1), (A2, B2) in zip(a["extra"].get("memories", []), b["extra"].get("memories", [])):
+    for (A1, B1), (A2, B2) in zip(a.get("memories", []), b.get("memories", [])):
         assert torch.equal(A1, A2) and torch.equal(B1, B2)
     assert a["n_updates"] == b["n_updates"] == 3 * 2 * 5

@@ -159,7 +159,7 @@ def test_checkpoint_between_experiences_is_bit_exact(split_tasks, tmp_path, algo
     a, b = one.learner.state_dict(), second.learner.state_dict()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    mems_a, mems_b = a["extra"].get("memories", []), b["extra"].get("memories", [])
+    mems_a, mems_b = a.get("memories", []), b.get("memories", [])
     assert len(mems_a) == len(mems_b) == (2 if algo == "am-mem" else 0)
     for (A1, B1), (A2, B2) in zip(mems_a, mems_b):
         assert torch.equal(A1, A2) and torch.equal(B1, B2)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from amstream import functional as F
+from amstream.activations import apply
 
 ACTS = ["relu", "leaky_relu", "tanh", "sigmoid", "identity", "sign"]
 
@@ -89,7 +90,7 @@ def test_top_code_step_lowers_problem_4(act, loss, mu):
         c, a = F.solve_top_code(c_fwd, target, layers[-1], act, mu, loss, iters=1)
         after = F.top_code_objective(c, c_fwd, target, layers[-1], act, mu, loss)
         assert after < before, (seed, float(before), float(after))
-        torch.testing.assert_close(a, F.ACTIVATIONS[act].fn(c))
+        torch.testing.assert_close(a, apply(act, c))
 
 
 @pytest.mark.parametrize("act", [a for a in ACTS if a != "sign"])  # sign is flat: see test_learner
@@ -110,7 +111,7 @@ def test_hidden_code_returns_exact_residual(act, iters):
     x, y, layers, enc = _problem(7, act, B=128)
     c_next, _ = F.solve_top_code(enc.codes[1], y, layers[2], act, 0.01, "ce", iters=3)
     c, a, r = F.solve_hidden_code(enc.codes[0], c_next, enc.codes[1], layers[1], act, 1.0, iters=iters)
-    torch.testing.assert_close(r, F.lsq_residual(c_next, F.ACTIVATIONS[act].fn(c), layers[1]),
+    torch.testing.assert_close(r, F.lsq_residual(c_next, apply(act, c), layers[1]),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -141,17 +142,19 @@ def test_weight_gradients_match_autograd():
     c = enc.codes[0] + 0.1
     mu = 0.7
     (mu * (c - x @ W.T - b).pow(2).sum() / len(x)).backward()
-    g_w, g_b = F.local_lsq_grad(x, F.lsq_residual(c, x, layers[0]), mu, True)
-    torch.testing.assert_close(g_w, W.grad)
-    torch.testing.assert_close(g_b, b.grad)
+    grad = F.Layer(torch.empty_like(W), torch.empty_like(b))
+    F.local_lsq_grad(x, F.lsq_residual(c, x, layers[0]), mu, grad)
+    torch.testing.assert_close(grad.weight, W.grad)
+    torch.testing.assert_close(grad.bias, b.grad)
 
     a = enc.acts[-1]
     Wo = layers[-1].weight.clone().requires_grad_(True)
     bo = layers[-1].bias.clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(a @ Wo.T + bo, y).backward()
-    g_w, g_b, _ = F.output_grad(a, y, layers[-1], "ce")
-    torch.testing.assert_close(g_w, Wo.grad)
-    torch.testing.assert_close(g_b, bo.grad)
+    grad = F.Layer(torch.empty_like(Wo), torch.empty_like(bo))
+    F.output_grad(a, y, layers[-1], "ce", grad)
+    torch.testing.assert_close(grad.weight, Wo.grad)
+    torch.testing.assert_close(grad.bias, bo.grad)
 
 
 def test_encode_input_matches_definition():
@@ -161,3 +164,27 @@ def test_encode_input_matches_definition():
     torch.testing.assert_close(enc.codes[0], c1)
     torch.testing.assert_close(enc.codes[1], c2)
     torch.testing.assert_close(enc.out, torch.tanh(c2) @ layers[2].weight.T + layers[2].bias)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_woodbury_factor_update_equals_a_new_inverse(k):
+    """update_factors turns inv(S_J) into inv(decay S_J + U_J^T U_J) for every diagonal block J."""
+    g = torch.Generator().manual_seed(k)
+    n, block, decay = 10, 4, 0.8
+    M = torch.randn(30, n, generator=g, dtype=torch.float64)
+    S = M.T @ M + 0.5 * torch.eye(n, dtype=torch.float64)
+    inverses = [torch.zeros(J.stop - J.start, J.stop - J.start, dtype=torch.float64) for J in F.blocks(n, block)]
+    F.factor_blocks(S, inverses, block=block, ridge=0.0)
+    U = torch.randn(k, n, generator=g, dtype=torch.float64)
+    F.update_factors(inverses, U, decay, block=block)
+    S2 = decay * S + U.T @ U
+    for J, P in zip(F.blocks(n, block), inverses):
+        torch.testing.assert_close(P, torch.linalg.inv(S2[J, J]), rtol=1e-10, atol=1e-10)
+
+
+def test_memory_factors_are_renewed_when_due():
+    assert F.memory_refactor_due(0, 1, 1.0, 64)  # no factors yet
+    assert not F.memory_refactor_due(5, 1, 1.0, 64)
+    assert F.memory_refactor_due(64, 1, 1.0, 64)  # rounding drift
+    assert F.memory_refactor_due(1, 32, 1.0, 64)  # a minibatch as large as a block
+    assert not F.memory_refactor_due(6, 1, 0.9, 64) and F.memory_refactor_due(7, 1, 0.9, 64)  # 0.9^7 < 1/2
