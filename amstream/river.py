@@ -14,7 +14,7 @@ How a sample travels::
     └── buffer full (see ``batch_size`` and ``warmup``) -> one AM update on it, buffer cleared
 
     predict_one(x) / predict_proba_one(x)
-    └── forward pass in float64 NumPy with the current weights (unknown features are ignored)
+    └── the learner's forward pass on a float64 NumPy row (unknown features are ignored)
 
 ``learn_many`` writes its rows into the same buffer and updates at the same points, so it
 leaves the model exactly as the equivalent ``learn_one`` loop does.
@@ -67,6 +67,60 @@ def _sorted_keys(keys: list) -> list:
         return sorted(keys, key=lambda k: (type(k).__name__, repr(k)))
 
 
+# The estimators' parameters and attributes, documented once for both docstrings.
+_PARAMETERS = """    Parameters
+    ----------
+    hidden_sizes
+        Widths of the hidden layers.
+    activation
+        Activation of the hidden layers: relu, leaky_relu, tanh, sigmoid, identity or sign.
+    algo
+        ``"am-adam"`` or ``"am-mem"``.
+    batch_size
+        Samples per AM update once the warm-up is over (1 = an update on every sample).
+    warmup
+        Updates taken at each batch size 1, 2, 4, ... on the way up to ``batch_size``, so
+        that the model learns from its first samples quickly (0 = no warm-up).
+    lr
+        Adam step of each hidden layer's local problem (AM-Adam; unused by AM-mem).
+    lr_out
+        Adam step of the output layer; ``None`` uses ``lr``.
+    mu
+        Weight of the quadratic penalty that ties codes to layer outputs (eq. (3)).
+    mem_decay
+        AM-mem only: forgetting factor gamma of the co-activation memories,
+        ``A <- gamma * A + sum a a^T`` at each update (1.0 keeps plain sums, as in the paper;
+        below 1 lets the hidden layers follow a drifting stream).
+    mem_ridge
+        AM-mem only: ridge added to the diagonal of the memory ``A`` when each hidden layer
+        is re-solved, relative to the mean of that diagonal. It keeps the solve stable when
+        the memory spans few samples (small batches, strong forgetting) or when inputs are
+        rarely active (one-hot columns); the engine's own default, 1e-4, suits plain sums
+        over large batches.
+    seed
+        Seeds the weight initialisation; ``None`` draws one at the first update.
+    config
+        Further :class:`amstream.AMConfig` fields as a dict, e.g. ``{"code_iters": 2}``
+        or ``{"lr_decay_every": 1000}``."""
+
+
+_ATTRIBUTES = """
+    feature_names
+        The feature names seen so far, in input-column order.
+    n_updates
+        AM updates taken so far.
+    learner
+        The underlying :class:`amstream.learner.AMLearner` (``None`` before the first update).
+"""
+
+
+def _document(cls):
+    """Put the shared parameter and attribute documentation into ``cls``'s docstring."""
+    cls.__doc__ = (cls.__doc__.replace("{parameters}\n", _PARAMETERS.strip("\n") + "\n\n")
+                   .replace("{attributes}\n", _ATTRIBUTES.lstrip("\n")))
+    return cls
+
+
 class _AMEstimator(base.Estimator):
     """What the AM classifier and regressor share: features, buffer, learner, predictions."""
 
@@ -100,6 +154,7 @@ class _AMEstimator(base.Estimator):
         self.seed = seed
         self.config = config
         self._check_params()
+        self._reset_targets()
 
         # learned state, built as data arrives
         self._features: dict[Hashable, int] = {}  # feature name -> input column
@@ -112,6 +167,14 @@ class _AMEstimator(base.Estimator):
         # derived from the features: the last key order learn_one saw, and where its values go
         self._keys: list = []
         self._cols: Any = slice(0, 0)
+
+    @classmethod
+    def _unit_test_params(cls):
+        yield {"seed": 0}  # the defaults: an update on every sample
+        yield {"batch_size": 32, "warmup": 1, "seed": 0}  # minibatches, warm-up
+        yield {"algo": "am-mem", "hidden_sizes": (8,), "batch_size": 32, "warmup": 0, "seed": 1}
+        yield {"hidden_sizes": (8, 6), "activation": "tanh", "batch_size": 32, "warmup": 0,
+               "lr_out": 0.01}  # seed None: River's seeding check runs
 
     # -- parameters -------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -353,6 +416,9 @@ class _AMEstimator(base.Estimator):
         self.__dict__.update(state)
 
     # -- subclass hooks -----------------------------------------------------------------
+    def _reset_targets(self) -> None:
+        pass
+
     def _new_ybuf(self) -> np.ndarray:
         raise NotImplementedError
 
@@ -372,6 +438,7 @@ class _AMEstimator(base.Estimator):
         pass
 
 
+@_document
 class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
     """A multi-layer perceptron classifier trained by online alternating minimization.
 
@@ -394,60 +461,19 @@ class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
     start). Predictions always use the current weights. ``learn_many`` feeds the same
     buffer, so it is equivalent to calling ``learn_one`` on each row.
 
-    On CPU, the update of the small networks used here runs in NumPy on the learner's own
-    tensors (the same arithmetic as :meth:`amstream.learner.AMLearner.learn`, whose torch
-    calls would cost more than the arithmetic); configurations that this path does not
-    cover (e.g. ``activation="sign"``, or ``config={"code_iters": 2}``) run the learner's
-    own update.
+    The estimator holds an :class:`amstream.learner.AMLearner` and uses nothing else of the
+    engine: on the CPU the learner runs its update on NumPy arrays, whose cost per call suits
+    the small networks and single samples of a stream (``AMLearner``'s ``backend``).
 
     Inputs should be numbers on comparable scales: put a ``preprocessing.StandardScaler``
     in front, and encode categories first (e.g. ``preprocessing.OneHotEncoder``).
 
-    Parameters
-    ----------
-    hidden_sizes
-        Widths of the hidden layers.
-    activation
-        Activation of the hidden layers: relu, leaky_relu, tanh, sigmoid, identity or sign.
-    algo
-        ``"am-adam"`` or ``"am-mem"``.
-    batch_size
-        Samples per AM update once the warm-up is over (1 = an update on every sample).
-    warmup
-        Updates taken at each batch size 1, 2, 4, ... on the way up to ``batch_size``, so
-        that the model learns from its first samples quickly (0 = no warm-up).
-    lr
-        Adam step of each hidden layer's local problem (AM-Adam; unused by AM-mem).
-    lr_out
-        Adam step of the output layer; ``None`` uses ``lr``.
-    mu
-        Weight of the quadratic penalty that ties codes to layer outputs (eq. (3)).
-    mem_decay
-        AM-mem only: forgetting factor gamma of the co-activation memories,
-        ``A <- gamma * A + sum a a^T`` at each update (1.0 keeps plain sums, as in the paper;
-        below 1 lets the hidden layers follow a drifting stream).
-    mem_ridge
-        AM-mem only: ridge added to the diagonal of the memory ``A`` when each hidden layer
-        is re-solved, relative to the mean of that diagonal. It keeps the solve stable when
-        the memory spans few samples (small batches, strong forgetting) or when inputs are
-        rarely active (one-hot columns); the engine's own default, 1e-4, suits plain sums
-        over large batches.
-    seed
-        Seeds the weight initialisation; ``None`` draws one at the first update.
-    config
-        Further :class:`amstream.AMConfig` fields as a dict, e.g. ``{"code_iters": 2}``
-        or ``{"lr_decay_every": 1000}``.
-
+{parameters}
     Attributes
     ----------
     classes
         The labels seen so far, in output order.
-    feature_names
-        The feature names seen so far, in input-column order.
-    n_updates
-        AM updates taken so far.
-    learner
-        The underlying :class:`amstream.learner.AMLearner` (``None`` before the first update).
+{attributes}
 
     Examples
     --------
@@ -480,36 +506,6 @@ class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
 
     _loss = "ce"
 
-    def __init__(
-        self,
-        hidden_sizes: tuple[int, ...] = (32,),
-        activation: str = "relu",
-        algo: str = "am-adam",
-        batch_size: int = 1,
-        warmup: int = 16,
-        lr: float = 0.003,
-        lr_out: float | None = None,
-        mu: float = 1.0,
-        mem_decay: float = 0.9,
-        mem_ridge: float = 0.1,
-        seed: int | None = None,
-        config: dict | None = None,
-    ):
-        self._classes: list = []
-        self._class_index: dict = {}
-        super().__init__(hidden_sizes=hidden_sizes, activation=activation, algo=algo,
-                         batch_size=batch_size, warmup=warmup, lr=lr, lr_out=lr_out, mu=mu,
-                         mem_decay=mem_decay, mem_ridge=mem_ridge, seed=seed, config=config)
-
-    @classmethod
-    def _unit_test_params(cls):
-        yield {"seed": 0}  # the defaults: an update on every sample
-        # minibatches: the NumPy update on several samples, and the engine's first update
-        yield {"batch_size": 32, "warmup": 1, "seed": 0}
-        yield {"algo": "am-mem", "hidden_sizes": (8,), "batch_size": 32, "warmup": 0, "seed": 1}
-        yield {"hidden_sizes": (8, 6), "activation": "tanh", "batch_size": 32, "warmup": 0,
-               "lr_out": 0.01}  # seed None: River's seeding check runs
-
     @property
     def _multiclass(self) -> bool:
         return True
@@ -520,6 +516,10 @@ class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
         return list(self._classes)
 
     # -- targets ------------------------------------------------------------------------
+    def _reset_targets(self) -> None:
+        self._classes: list = []
+        self._class_index: dict = {}
+
     def _new_ybuf(self) -> np.ndarray:
         return np.zeros(self.batch_size, dtype=np.int64)
 
@@ -558,12 +558,14 @@ class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
     def learn_many(self, X, y) -> None:
         self._learn_frame(X, list(y))
 
-    def _proba(self, logits: np.ndarray) -> np.ndarray:
-        z = logits - logits.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        return p
+    def predict_one(self, x: dict, **kwargs):
+        # River's default takes the argmax of predict_proba_one's dict; the argmax of the
+        # logits is the same label for a tenth of the cost of a progressive-validation step
+        if self._learner is None:
+            return self._classes[0] if self._classes else None
+        return self._classes[int(self._forward_one(x).argmax())]
 
+    # predict_many: River's default (the most probable label of predict_proba_many)
     def predict_proba_one(self, x: dict, **kwargs) -> dict:
         if self._learner is None:
             n = len(self._classes)
@@ -573,31 +575,17 @@ class AMClassifier(_AMEstimator, base.MiniBatchClassifier):
         p /= p.sum()  # float64, renormalised: sums to 1 within rounding
         return dict(zip(self._classes, p.tolist()))
 
-    def predict_one(self, x: dict, **kwargs):
-        if self._learner is None:
-            return self._classes[0] if self._classes else None
-        return self._classes[int(self._forward_one(x).argmax())]
-
     def predict_proba_many(self, X):
         import pandas as pd
 
         if self._learner is None:
-            n = len(self._classes)
-            return pd.DataFrame({c: [1.0 / n] * len(X) for c in self._classes}, index=X.index,
-                                columns=self._classes)
-        p = self._proba(self._forward(self._matrix(X)))
+            p = np.full((len(X), len(self._classes)), 1.0 / max(1, len(self._classes)))
+        else:
+            p = self._learner.predict_proba(self._matrix(X))
         return pd.DataFrame(p, index=X.index, columns=self._classes)
 
-    def predict_many(self, X):
-        import pandas as pd
 
-        if self._learner is None:
-            label = self._classes[0] if self._classes else None
-            return pd.Series([label] * len(X), index=X.index, dtype=object)
-        idx = self._forward(self._matrix(X)).argmax(axis=1)
-        return pd.Series([self._classes[i] for i in idx], index=X.index, dtype=object)
-
-
+@_document
 class AMRegressor(_AMEstimator, base.MiniBatchRegressor):
     """A multi-layer perceptron regressor trained by online alternating minimization.
 
@@ -609,48 +597,10 @@ class AMRegressor(_AMEstimator, base.MiniBatchRegressor):
     ``preprocessing.TargetStandardScaler``, and scale the features with a
     ``preprocessing.StandardScaler``.
 
-    Parameters
-    ----------
-    hidden_sizes
-        Widths of the hidden layers.
-    activation
-        Activation of the hidden layers: relu, leaky_relu, tanh, sigmoid, identity or sign.
-    algo
-        ``"am-adam"`` or ``"am-mem"``.
-    batch_size
-        Samples per AM update once the warm-up is over (1 = an update on every sample).
-    warmup
-        Updates taken at each batch size 1, 2, 4, ... on the way up to ``batch_size``
-        (0 = no warm-up).
-    lr
-        Adam step of each hidden layer's local problem (AM-Adam; unused by AM-mem).
-    lr_out
-        Adam step of the output layer; ``None`` uses ``lr``.
-    mu
-        Weight of the quadratic penalty that ties codes to layer outputs (eq. (3)).
-    mem_decay
-        AM-mem only: forgetting factor gamma of the co-activation memories,
-        ``A <- gamma * A + sum a a^T`` at each update (1.0 keeps plain sums, as in the paper;
-        below 1 lets the hidden layers follow a drifting stream).
-    mem_ridge
-        AM-mem only: ridge added to the diagonal of the memory ``A`` when each hidden layer
-        is re-solved, relative to the mean of that diagonal. It keeps the solve stable when
-        the memory spans few samples (small batches, strong forgetting) or when inputs are
-        rarely active (one-hot columns); the engine's own default, 1e-4, suits plain sums
-        over large batches.
-    seed
-        Seeds the weight initialisation; ``None`` draws one at the first update.
-    config
-        Further :class:`amstream.AMConfig` fields as a dict.
-
+{parameters}
     Attributes
     ----------
-    feature_names
-        The feature names seen so far, in input-column order.
-    n_updates
-        AM updates taken so far.
-    learner
-        The underlying :class:`amstream.learner.AMLearner` (``None`` before the first update).
+{attributes}
 
     Examples
     --------
@@ -664,15 +614,6 @@ class AMRegressor(_AMEstimator, base.MiniBatchRegressor):
     """
 
     _loss = "mse"
-
-    @classmethod
-    def _unit_test_params(cls):
-        yield {"seed": 0}  # the defaults: an update on every sample
-        # minibatches: the NumPy update on several samples, and the engine's first update
-        yield {"batch_size": 32, "warmup": 1, "seed": 0}
-        yield {"algo": "am-mem", "hidden_sizes": (8,), "batch_size": 32, "warmup": 0, "seed": 1}
-        yield {"hidden_sizes": (8, 6), "activation": "tanh", "batch_size": 32, "warmup": 0,
-               "lr_out": 0.01}  # seed None: River's seeding check runs
 
     def _new_ybuf(self) -> np.ndarray:
         return np.zeros((self.batch_size, 1), dtype=np.float32)
