@@ -40,6 +40,9 @@ ACTIVATIONS: dict[str, Activation] = {
     "tanh": Activation(lambda xp, c: xp.tanh(c), lambda xp, c, a: 1.0 - a * a),
     "sigmoid": Activation(lambda xp, c: xp.sigmoid(c), lambda xp, c, a: a * (1.0 - a)),
     "identity": Activation(lambda xp, c: c, lambda xp, c, a: xp.ones_like(c), True, True),
+    # relu(tanh(c)): an Elman RNN's last state, read out through a ReLU (the paper's Section 4)
+    "tanh_relu": Activation(lambda xp, c: xp.relu(xp.tanh(c)),
+                            lambda xp, c, a: xp.as_float(c > 0, c) * (1.0 - a * a)),
     # sign(0) = +1, so that a unit is always on or off
     "sign": Activation(lambda xp, c: xp.as_float(c >= 0, c) * 2.0 - 1.0,
                        lambda xp, c, a: xp.as_float(xp.abs(c) <= 1.0, c), True, False, True),

@@ -69,6 +69,7 @@ class Backend:
         """``[W | b]`` for W [m, n], b [m]."""
         raise NotImplementedError
 
+    def stack(self, arrays, axis: int): raise NotImplementedError
     def zeros_like(self, u): raise NotImplementedError
     def ones_like(self, u): raise NotImplementedError
     def log_softmax(self, z): raise NotImplementedError
@@ -134,6 +135,7 @@ class _Numpy(Backend):
         return out
 
     def append_column(self, W, b): return np.concatenate([W, b[:, None]], axis=1)
+    def stack(self, arrays, axis): return np.stack(arrays, axis)
     def zeros_like(self, u): return np.zeros_like(u)
     def ones_like(self, u): return np.ones_like(u)
 
@@ -197,6 +199,7 @@ class _Torch(Backend):
         return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
 
     def append_column(self, W, b): return torch.cat([W, b.view(-1, 1)], dim=1)
+    def stack(self, arrays, axis): return torch.stack(arrays, axis)
     def zeros_like(self, u): return torch.zeros_like(u)
     def ones_like(self, u): return torch.ones_like(u)
     def log_softmax(self, z): return torch.log_softmax(z, dim=1)

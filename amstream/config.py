@@ -10,7 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from functools import lru_cache
+
 from amstream.exceptions import ConfigError
+from amstream.network import Network, parse_network
 
 __all__ = ["AMConfig", "ALGOS", "ACTIVATION_NAMES", "parse_arch"]
 
@@ -19,16 +22,21 @@ ALGOS = ("am-adam", "am-mem", "am-adam-off", "am-mem-off", "sgd", "adam", "ste")
 ACTIVATION_NAMES = ("relu", "leaky_relu", "tanh", "sigmoid", "identity", "sign")
 
 
-def parse_arch(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """``"784-500-500-10"`` -> ``(784, 500, 500, 10)``."""
-    if isinstance(text, str):
-        try:
-            sizes = tuple(int(s) for s in text.replace(",", "-").split("-") if s.strip())
-        except ValueError:
-            raise ConfigError(f"`arch` must look like `784-500-500-10`, got `{text}`") from None
-    else:
-        sizes = tuple(int(s) for s in text)
-    return sizes
+def parse_arch(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...] | str:
+    """An MLP's sizes as a tuple (``"784-500-500-10"`` -> ``(784, 500, 500, 10)``); any other
+    network (convolutions, an RNN, a named one such as ``lenet5``) as its spec string
+    (:mod:`amstream.network`), checked."""
+    if not isinstance(text, str):
+        return tuple(int(s) for s in text)
+    try:
+        return tuple(int(s) for s in text.replace(",", "-").split("-") if s.strip())
+    except ValueError:
+        return _network(text).spec
+
+
+@lru_cache(maxsize=64)
+def _network(arch: str | tuple[int, ...]) -> Network:
+    return parse_network(arch)
 
 
 @dataclass(frozen=True)
@@ -38,11 +46,13 @@ class AMConfig:
     Parameters
     ----------
     arch
-        Layer sizes, input first and output last: ``(784, 500, 500, 10)`` is two hidden
-        layers of 500. ``"784-500-500-10"`` is accepted too.
+        An MLP's layer sizes, input first and output last: ``(784, 500, 500, 10)`` is two
+        hidden layers of 500 (``"784-500-500-10"`` is accepted too); or a network spec with
+        convolutions, pooling or an Elman RNN, e.g. ``"lenet5"`` or ``"784-rnn15-10"`` (see
+        :mod:`amstream.network`).
     activation
         One name for every hidden layer, or one per hidden layer: relu, leaky_relu, tanh,
-        sigmoid, identity, sign. ``sign`` is not differentiable: the AM code update uses the
+        sigmoid, identity, sign. (An RNN's are fixed: tanh states, a ReLU readout.) ``sign`` is not differentiable: the AM code update uses the
         straight-through derivative ``1{|c| <= 1}`` inside the code subproblems only (the
         forward pass, predictions and the weight fits use the true sign); backprop baselines
         use the same straight-through estimator.
@@ -129,8 +139,12 @@ class AMConfig:
 
     # -- validation -------------------------------------------------------------
     def validate(self) -> None:
-        if len(self.arch) < 2 or any(n < 1 for n in self.arch):
+        if isinstance(self.arch, tuple) and (len(self.arch) < 2 or any(n < 1 for n in self.arch)):
             raise ConfigError(f"`arch` needs at least an input and an output size >= 1, got `{self.arch}`")
+        network = self.network
+        if self.uses_memory and not network.is_mlp:
+            raise ConfigError(f"`algo` `{self.algo}` needs a dense network (an MLP); `arch` `{self.arch_string()}` "
+                              "has convolutions or an RNN: use am-adam")
         if self.algo not in ALGOS:
             raise ConfigError(f"`algo` must be one of {', '.join(ALGOS)}; got `{self.algo}`")
         for name in self.activations:
@@ -167,8 +181,22 @@ class AMConfig:
 
     # -- derived ----------------------------------------------------------------
     @property
+    def network(self) -> Network:
+        """The parsed ``arch``: input shape and layers (:mod:`amstream.network`)."""
+        return _network(self.arch)
+
+    @property
+    def n_inputs(self) -> int:
+        return self.network.n_inputs
+
+    @property
+    def n_outputs(self) -> int:
+        return self.network.n_outputs
+
+    @property
     def n_hidden(self) -> int:
-        return len(self.arch) - 2
+        """Hidden layers that take an ``activation``."""
+        return self.network.n_activations
 
     @property
     def activations(self) -> tuple[str, ...]:
@@ -189,7 +217,7 @@ class AMConfig:
         return self.algo.endswith("-off")
 
     def arch_string(self) -> str:
-        return "-".join(str(n) for n in self.arch)
+        return self.network.spec
 
     def replace(self, **changes: Any) -> "AMConfig":
         return dataclasses.replace(self, **changes)
@@ -197,7 +225,7 @@ class AMConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain python values only (safe for `torch.load(weights_only=True)` and JSON)."""
         out = dataclasses.asdict(self)
-        out["arch"] = list(self.arch)
+        out["arch"] = list(self.arch) if isinstance(self.arch, tuple) else self.arch
         out["activation"] = self.activation if isinstance(self.activation, str) else list(self.activation)
         out["adam_betas"] = list(self.adam_betas)
         if math.isinf(out["mu_max"]):

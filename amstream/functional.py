@@ -3,9 +3,13 @@
 Read this file next to Section 2 of the paper. Notation (one minibatch of B samples):
 
 - ``W[l], b[l]`` for l = 1..L+1 are the linear maps; layer l computes
-  ``c[l] = a[l-1] @ W[l].T + b[l]`` and ``a[l] = sigma_l(c[l])`` with ``a[0] = x``.
+  ``c[l] = W[l] a[l-1] + b[l]`` and ``a[l] = sigma_l(c[l])`` with ``a[0] = x``.
 - ``c[1..L]`` are the *codes* (hidden pre-activations), the auxiliary variables of eq. (3).
   The output pre-activation (logits) is not a code.
+- A layer may be dense or a convolution, with max-pooling or flattening of its input
+  (:mod:`amstream.layers`: the code problems use its linearization and adjoint); an Elman
+  RNN is the same chain unrolled in time, each step a layer with shared weights
+  (:class:`Elman`).
 
 Algorithm 2.1 (one online AM step) is :func:`am_step`:
 
@@ -39,12 +43,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+from amstream import optim
 from amstream.activations import ACTIVATIONS
 from amstream.backend import Backend, backend_of
-from amstream import optim
+from amstream.layers import Conv, Dense
 
 __all__ = [
     "Layer",
+    "Dense",
+    "Conv",
+    "Stack",
+    "Elman",
+    "Unrolled",
     "Encoding",
     "Slots",
     "AMHyper",
@@ -76,11 +86,7 @@ Array = Any  # a NumPy array or a torch tensor
 Reduce = Callable[[str, Sequence[Array]], None]  # (what, arrays) -> None, in place
 
 
-class Layer(NamedTuple):
-    """One linear map ``c = a @ weight.T + bias`` (bias may be None)."""
-
-    weight: Array
-    bias: Array | None
+Layer = Dense  # a plain dense layer, Layer(weight, bias)
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,12 +103,11 @@ def encode_input(x: Array, layers: Sequence[Layer], activations: Sequence[str]) 
     xp = backend_of(x)
     acts = [x]
     codes = []
-    for (W, b), name in zip(layers[:-1], activations):
-        c = xp.linear(acts[-1], W, b)
+    for layer, name in zip(layers[:-1], activations):
+        c = layer.forward(acts[-1])
         codes.append(c)
         acts.append(ACTIVATIONS[name].fn(xp, c))
-    W, b = layers[-1]
-    return Encoding(codes, acts, xp.linear(acts[-1], W, b))
+    return Encoding(codes, acts, layers[-1].forward(acts[-1]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,16 +133,14 @@ def output_loss_grad(out: Array, y: Array, loss: str) -> tuple[Array, Array]:
 # ---------------------------------------------------------------------------------------
 def top_code_objective(c, c_fwd, y, out_layer: Layer, act: str, mu: float, loss: str):
     """Problem (4), summed over the minibatch: L(y, sigma(c), W[L+1]) + mu ||c - c_fwd||^2."""
-    xp = backend_of(c)
-    out = xp.linear(ACTIVATIONS[act].fn(xp, c), *out_layer)
+    out = out_layer.forward(ACTIVATIONS[act].fn(backend_of(c), c))
     d = c - c_fwd
     return output_loss_grad(out, y, loss)[0].sum() + mu * (d * d).sum()
 
 
 def hidden_code_objective(c, c_fwd, c_next, next_layer: Layer, act: str, mu: float):
     """Problem (5), summed: mu ||c[l+1] - W[l+1] sigma(c)||^2 + mu ||c - c_fwd||^2."""
-    xp = backend_of(c)
-    r = c_next - xp.linear(ACTIVATIONS[act].fn(xp, c), *next_layer)
+    r = c_next - next_layer.forward(ACTIVATIONS[act].fn(backend_of(c), c))
     d = c - c_fwd
     return mu * ((r * r).sum() + (d * d).sum())
 
@@ -158,7 +161,6 @@ def solve_top_code(
     """
     xp = backend_of(c_fwd)
     sigma = ACTIVATIONS[act]
-    W = out_layer.weight
     c = c_fwd
     a = sigma.fn(xp, c) if a_fwd is None else a_fwd
     if iters == 0:
@@ -167,11 +169,12 @@ def solve_top_code(
     velocity = xp.zeros_like(c) if solver == "momentum" else None
     for it in range(iters):
         d = sigma.grad(xp, c, a)
+        W = out_layer.at(a)  # the output layer linearized in its input at a
         if it == 0 and g_out_fwd is not None:
             g_out = g_out_fwd
         else:
-            g_out = output_loss_grad(xp.linear(a, *out_layer), y, loss)[1]
-        grad = g_out @ W
+            g_out = output_loss_grad(out_layer.forward(a), y, loss)[1]
+        grad = W.adjoint(g_out)
         grad *= d
         if it > 0:  # at c = c_fwd the penalty's gradient is 0
             grad += (2.0 * mu) * (c - c_fwd)
@@ -179,8 +182,8 @@ def solve_top_code(
             gg = xp.rowsq(grad)
             # sigma' * g; at it = 0 with a 0/1 derivative it is g itself
             d_grad = grad if (it == 0 and sigma.binary_grad) else grad * d
-            Jg = d_grad @ W.T  # first-order change of the output along g
-            den = xp.rowsq(Jg)
+            Jg = W.apply(d_grad)  # first-order change of the output along g
+            den = xp.rowsq(Jg).reshape(gg.shape)  # (the output may have another shape than c)
             den *= kappa
             den += (2.0 * mu) * gg
             alpha = gg / xp.clamp_min(den, 1e-30)
@@ -213,7 +216,6 @@ def solve_hidden_code(
     """
     xp = backend_of(c_fwd)
     sigma = ACTIVATIONS[act]
-    W = next_layer.weight
     c = c_fwd
     a = sigma.fn(xp, c) if a_fwd is None else a_fwd
     residual = c_next - c_next_fwd
@@ -222,7 +224,8 @@ def solve_hidden_code(
     velocity = xp.zeros_like(c) if solver == "momentum" else None
     for it in range(iters):
         d = sigma.grad(xp, c, a)
-        descent = residual @ W  # minus the gradient
+        W = next_layer.at(a)  # the layer above linearized in its input at a
+        descent = W.adjoint(residual)  # minus the gradient
         descent *= d
         if it > 0:  # at c = c_fwd the penalty's gradient is 0
             descent -= c - c_fwd
@@ -233,9 +236,9 @@ def solve_hidden_code(
             continue
         # sigma' * descent; at it = 0 with a 0/1 derivative it is descent itself
         d_desc = descent if (it == 0 and sigma.binary_grad) else descent * d
-        J_desc = d_desc @ W.T  # first-order change of W sigma(c) along the descent direction
+        J_desc = W.apply(d_desc)  # first-order change of W sigma(c) along the descent direction
         dd = xp.rowsq(descent)
-        den = xp.rowsq(J_desc)
+        den = xp.rowsq(J_desc).reshape(dd.shape)
         den += dd
         alpha = dd / xp.clamp_min(den, 1e-30)
         if step != 1.0:
@@ -258,7 +261,7 @@ def _residual_after_step(xp: Backend, piecewise_linear, c_next, residual, a, a_n
     of a product over those few columns instead of a full matrix product.
     """
     W = layer.weight
-    if piecewise_linear and a.shape[0] > 1:
+    if piecewise_linear and a.shape[0] > 1 and layer.plain and layer.bias is not None and layer.bias.ndim == 1:
         corr = a_new - a
         corr -= d_desc * alpha
         crossed = xp.active_columns(corr)
@@ -307,31 +310,24 @@ def update_codes(
 def output_grad(a_top, y, out_layer: Layer, loss: str, grad: Layer) -> Array:
     """Gradient of the mean loss w.r.t. W[L+1], b[L+1], with input sigma(c[L]) (line 1),
     written into ``grad``. Returns the per-sample loss."""
-    xp = backend_of(a_top)
-    per_sample, g = output_loss_grad(xp.linear(a_top, *out_layer), y, loss)
+    per_sample, g = output_loss_grad(out_layer.forward(a_top), y, loss)
     g *= 1.0 / a_top.shape[0]
-    xp.matmul_into(grad.weight, g.T, a_top)
-    if grad.bias is not None:
-        xp.colsum_into(grad.bias, g)
+    out_layer.grad_into(a_top, g, grad)
     return per_sample
 
 
 def lsq_residual(c, a_in, layer: Layer):
     """c - W a - b: the residual of eq. (6) for one layer."""
-    return c - backend_of(c).linear(a_in, *layer)
+    return c - layer.forward(a_in)
 
 
-def local_lsq_grad(a_in, residual, mu: float, grad: Layer) -> None:
+def local_lsq_grad(layer: Layer, a_in, residual, mu: float, grad: Layer) -> None:
     """Gradient of eq. (6) with t' = t, mean over the minibatch: mu/B sum ||c - W a - b||^2,
     written into ``grad``.
 
     ``residual`` is ``c - W a - b`` at the new codes; the gradient is -2 mu/B r^T a.
     """
-    xp = backend_of(a_in)
-    r = residual * (-2.0 * mu / a_in.shape[0])
-    xp.matmul_into(grad.weight, r.T, a_in)
-    if grad.bias is not None:
-        xp.colsum_into(grad.bias, r)
+    layer.grad_into(a_in, residual * (-2.0 * mu / a_in.shape[0]), grad)
 
 
 def augment(a, has_bias: bool):
@@ -442,18 +438,105 @@ def fit_memory(layer: Layer, A, B, U, inverses, *, refactor: bool, decay: float,
     layer.bias[...] = Wb[:, -1]
 
 
-class Slots(NamedTuple):
-    """What an AM step reads and writes besides the data: views that the learner owns.
+class Unrolled(NamedTuple):
+    """A network laid out for one minibatch: the first layer's input, the layers (the last
+    one the output layer) and the activations of the codes."""
 
-    ``layers`` and ``grads`` are views of one flat parameter and one flat gradient buffer
-    (so that one optimizer call steps all the layers it covers); ``hidden`` and ``out`` are
-    the optimizer states of the hidden layers (AM-Adam; None for AM-mem) and of the output
-    layer, and ``joint`` both at once where both are Adam (one call when their steps are
-    equal); ``memories`` are AM-mem's (A, B, block inverses) per hidden layer.
-    """
+    x: Array  # the minibatch
+    x0: Array  # what the first layer reads (x itself, or an RNN's initial state)
+    layers: list
+    activations: tuple
+
+
+class Stack(NamedTuple):
+    """A feed-forward network (MLP, CNN): its layers, the last one the output layer, and
+    their gradient buffers (views the learner owns)."""
 
     layers: list
     grads: list
+    activations: tuple
+    input_shape: tuple = ()  # per sample: an image's C x H x W (a flat x is reshaped to it)
+
+    @property
+    def out_grad(self):
+        return self.grads[-1]
+
+    def unroll(self, x) -> Unrolled:
+        x0 = x.reshape(x.shape[0], *self.input_shape) if len(self.input_shape) > 1 else x
+        return Unrolled(x, x0, self.layers, self.activations)
+
+    def hidden_grads(self, u: Unrolled, a_in, codes, residuals, mu: float, reduce: Reduce | None) -> None:
+        """Each hidden layer's gradient of its own least squares (6), into its buffers;
+        ``residuals`` are the code solvers' (None: computed at the current weights)."""
+        layers = u.layers
+        for l in range(len(layers) - 1):
+            r = residuals[l] if residuals is not None else lsq_residual(codes[l], a_in[l], layers[l])
+            local_lsq_grad(layers[l], a_in[l], r, mu, self.grads[l])
+            if reduce is not None:
+                reduce("grad", self.grads[l])
+
+
+class Elman(NamedTuple):
+    """An Elman RNN, ``c_t = W_ih x_t + W_hh tanh(c_{t-1}) + b`` over T steps (``c_0`` gives
+    ``tanh = 0``), whose last state is read out by ``out(relu(tanh(c_T)))``.
+
+    Unrolled, it is the chain of Algorithm 2.1 with one code per step: step t is a dense layer
+    ``W_hh`` whose bias is the step's input term ``W_ih x_t + b``, so the code problems are
+    those of an MLP; the steps share W_ih, W_hh and b, so their local least squares (6) are
+    summed into one gradient (:meth:`hidden_grads`).
+    """
+
+    weight_ih: Array
+    weight_hh: Array
+    bias: Array | None
+    out: Dense
+    grads: tuple  # (weight_ih, weight_hh, bias) gradient buffers
+    out_grad: Dense
+    steps: int
+
+    @property
+    def layers(self) -> list:
+        return [self.out]
+
+    def unroll(self, x) -> Unrolled:
+        B, T = x.shape[0], self.steps
+        inputs = x.reshape(B, T, -1) @ self.weight_ih.T  # [B, T, H]: all steps' input terms at once
+        if self.bias is not None:
+            inputs += self.bias
+        steps = [Dense(self.weight_hh, inputs[:, t]) for t in range(T)]
+        h0 = backend_of(x).zeros_like(inputs[:, 0])
+        return Unrolled(x, h0, steps + [self.out], ("tanh",) * (T - 1) + ("tanh_relu",))
+
+    def hidden_grads(self, u: Unrolled, a_in, codes, residuals, mu: float, reduce: Reduce | None) -> None:
+        """The steps' least squares (6) summed: W_hh's, W_ih's and b's gradients."""
+        B, T = u.x.shape[0], self.steps
+        g_ih, g_hh, g_b = self.grads
+        if residuals is None:
+            residuals = [lsq_residual(codes[t], a_in[t], u.layers[t]) for t in range(T)]
+        xp = backend_of(u.x)
+        scale = -2.0 * mu / B
+        R = xp.stack(residuals, 1) * scale  # [B, T, H]
+        H_prev = xp.stack(a_in[:T], 1)  # tanh(c_{t-1}), [B, T, H]
+        xs = u.x.reshape(B, T, -1)
+        xp.matmul_into(g_hh, R.reshape(B * T, -1).T, H_prev.reshape(B * T, -1))
+        xp.matmul_into(g_ih, R.reshape(B * T, -1).T, xs.reshape(B * T, -1))
+        if g_b is not None:
+            xp.colsum_into(g_b, R.reshape(B * T, -1))
+        if reduce is not None:
+            reduce("grad", self.grads)
+
+
+class Slots(NamedTuple):
+    """What an AM step reads and writes besides the data: views that the learner owns.
+
+    ``net`` holds the layers and gradient buffers, views of one flat parameter and one flat
+    gradient buffer (so that one optimizer call steps all the layers it covers); ``hidden``
+    and ``out`` are the optimizer states of the hidden layers (AM-Adam; None for AM-mem) and
+    of the output layer, and ``joint`` both at once where both are Adam (one call when their
+    steps are equal); ``memories`` are AM-mem's (A, B, block inverses) per hidden layer.
+    """
+
+    net: Any  # Stack or Elman
     hidden: Any
     out: Any
     joint: Any
@@ -463,7 +546,6 @@ class Slots(NamedTuple):
 class AMHyper(NamedTuple):
     """The hyperparameters of one step (from :class:`amstream.AMConfig` and the schedules)."""
 
-    activations: tuple
     loss: str
     mu: float
     lr: float  # hidden layers (AM-Adam)
@@ -485,8 +567,8 @@ class AMHyper(NamedTuple):
     momentum: float = 0.9
 
 
-def update_weights(x, y, codes: list, acts: list, residuals: list, slots: Slots, h: AMHyper,
-                   *, reduce: Reduce | None = None) -> None:
+def update_weights(u: Unrolled, y, codes: list, acts: list, residuals: list, slots: Slots,
+                   h: AMHyper, *, reduce: Reduce | None = None) -> None:
     """Algorithm 2.3, updateWeights, given the new codes c[1..L], their activations and the
     residuals the code solvers left (layer inputs are the activations of the new codes).
 
@@ -495,20 +577,17 @@ def update_weights(x, y, codes: list, acts: list, residuals: list, slots: Slots,
     AM-mem's memory increments - before they are used; it may sum them over processes in
     place (:mod:`amstream.distributed`).
     """
-    layers, grads = slots.layers, slots.grads
-    a_in = [x] + list(acts)
+    net, layers, out_grad = slots.net, u.layers, slots.net.out_grad
+    a_in = [u.x0] + list(acts)
     for it in range(h.weight_iters):
         # line 1: W[L+1] <- W[L+1] - eta grad L(y, sigma(c[L]), W[L+1])
-        output_grad(a_in[-1], y, layers[-1], h.loss, grads[-1])
+        output_grad(a_in[-1], y, layers[-1], h.loss, out_grad)
         if reduce is not None:
-            reduce("grad", grads[-1])
+            reduce("grad", out_grad)
         if not h.uses_memory:
             # lines 8-10: each hidden layer's own Adam step on its local least squares (6)
-            for l in range(len(layers) - 1):
-                r = residuals[l] if it == 0 else lsq_residual(codes[l], a_in[l], layers[l])
-                local_lsq_grad(a_in[l], r, h.mu, grads[l])
-                if reduce is not None:
-                    reduce("grad", grads[l])
+            if codes:
+                net.hidden_grads(u, a_in, codes, residuals if it == 0 else None, h.mu, reduce)
             if slots.joint is not None and h.lr == h.lr_out:  # every layer in one call
                 _optimizer_step(slots.joint, h.lr, h, h.t + it + 1)
                 continue
@@ -538,17 +617,18 @@ def am_step(x, y, slots: Slots, h: AMHyper, *, reduce: Reduce | None = None) -> 
 
     Returns the per-sample loss and the network output, both *before* the update.
     """
+    u = slots.net.unroll(x)  # an RNN unrolls into one layer per step
     # line 3: encodeInput (forward pass; the codes are the pre-activations)
-    enc = encode_input(x, slots.layers, h.activations)
+    enc = encode_input(u.x0, u.layers, u.activations)
     losses, g_out = output_loss_grad(enc.out, y, h.loss)
     if not enc.codes:  # no hidden layer: only the output layer learns
-        update_weights(x, y, [], [], [], slots, h, reduce=reduce)
+        update_weights(u, y, [], [], [], slots, h, reduce=reduce)
         return losses, enc.out
     # line 4: updateCodes, top-down: problem (4) for c[L], problem (5) for l = L-1..1
     codes, acts, residuals = update_codes(
-        enc, y, slots.layers, h.activations, h.mu, h.loss, iters_top=h.code_iters_top,
+        enc, y, u.layers, u.activations, h.mu, h.loss, iters_top=h.code_iters_top,
         iters=h.code_iters, solver=h.code_solver, step=h.code_step, g_out_fwd=g_out)
     residuals[0] = codes[0] - enc.codes[0]  # W[1] x + b[1] is the forward code
     # line 5: updateWeights (Algorithm 2.3)
-    update_weights(x, y, codes, acts, residuals, slots, h, reduce=reduce)
+    update_weights(u, y, codes, acts, residuals, slots, h, reduce=reduce)
     return losses, enc.out

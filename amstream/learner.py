@@ -18,6 +18,7 @@ The algorithm itself is in :mod:`amstream.functional`; the classes here only hol
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from amstream import functional as F
@@ -32,6 +34,7 @@ from amstream.activations import torch_activation
 from amstream.backend import NUMPY, TORCH
 from amstream.config import AMConfig
 from amstream.exceptions import CheckpointError, ConfigError
+from amstream.network import LayerSpec, Network
 from amstream.optim import AdamSlot, SGDSlot
 
 __all__ = ["Learner", "AMLearner", "BackpropLearner", "Update", "make_learner", "learner_from_state"]
@@ -85,35 +88,80 @@ class Update:
 
 class _Linear(nn.Linear):
     """``nn.Linear`` that draws nothing from torch's global RNG when built: the learner
-    initialises the weights from its own generator."""
+    initialises the weights from its own generator (as do the two classes below)."""
 
     def reset_parameters(self) -> None:
         pass
 
 
-class MLP(nn.Module):
-    """A stack of Linear layers with per-layer activations (the model of eq. (1)).
+class _Conv2d(nn.Conv2d):
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _Elman(nn.Module):
+    """``c_t = W_ih x_t + W_hh tanh(c_{t-1}) + b`` over a [B, T, D] sequence; returns c_T."""
+
+    def __init__(self, d: int, hidden: int, bias: bool, device):
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.empty(hidden, d, device=device))
+        self.weight_hh = nn.Parameter(torch.empty(hidden, hidden, device=device))
+        self.bias = nn.Parameter(torch.empty(hidden, device=device)) if bias else None
+
+    def forward(self, xs: Tensor) -> Tensor:
+        inputs = xs @ self.weight_ih.T
+        if self.bias is not None:
+            inputs = inputs + self.bias
+        h = inputs.new_zeros(inputs.shape[0], inputs.shape[2])
+        for step in inputs.unbind(1):  # (slicing inputs[:, t] instead makes backprop quadratic in T)
+            c = torch.addmm(step, h, self.weight_hh.T)
+            h = torch.tanh(c)
+        return c
+
+
+def _module(spec: LayerSpec, bias: bool, device) -> nn.Module:
+    if spec.kind == "conv":
+        return _Conv2d(spec.in_shape[0], spec.out_shape[0], spec.kernel, spec.stride, spec.padding,
+                       bias=bias, device=device)
+    if spec.kind == "rnn":
+        return _Elman(spec.in_shape[-1], spec.out_shape[0], bias, device)
+    return _Linear(math.prod(spec.in_shape), spec.out_shape[0], bias=bias, device=device)
+
+
+class Net(nn.Module):
+    """The network of an ``arch`` (:mod:`amstream.network`) as a ``torch.nn.Module``: dense,
+    convolution and Elman layers with per-layer activations (the model of eq. (1)).
 
     Its forward pass is differentiable (``sign`` through its straight-through estimate): the
     backprop baselines train it with autograd, and for the AM learners it is a view of their
     weights for code that wants a ``torch.nn.Module`` (Avalanche's evaluation, for one).
     """
 
-    def __init__(self, arch: tuple[int, ...], activations: tuple[str, ...], bias: bool,
+    def __init__(self, network: Network, activations: tuple[str, ...], bias: bool,
                  device: torch.device | str = "cpu"):
         super().__init__()
-        self.layers = nn.ModuleList(_Linear(i, o, bias=bias, device=device)
-                                    for i, o in zip(arch[:-1], arch[1:]))
-        self.activations = activations
-        self._fns = [torch_activation(name) for name in activations]
+        self.network = network
+        self.layers = nn.ModuleList(_module(spec, bias, device) for spec in network.layers)
+        self.activations = ("tanh_relu",) if network.is_rnn else activations
+        self._fns = [torch_activation(name) for name in self.activations]
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer, fn in zip(self.layers[:-1], self._fns):
-            x = fn(layer(x))
-        return self.layers[-1](x)
-
-    def as_layers(self) -> list[F.Layer]:
-        return [F.Layer(m.weight, m.bias) for m in self.layers]
+        B, shape = x.shape[0], self.network.input_shape
+        a = x.reshape(B, *shape) if len(shape) > 1 else x
+        if self.network.is_rnn:
+            a = a.reshape(B, self.network.layers[0].steps, -1)
+        for spec, layer, fn in zip(self.network.layers, self.layers, self._fns):
+            if spec.pool:
+                a = tF.max_pool2d(a, spec.pool)
+            if spec.flatten:
+                a = a.reshape(B, -1)
+            a = fn(layer(a))
+        spec = self.network.layers[-1]
+        if spec.pool:
+            a = tF.max_pool2d(a, spec.pool)
+        if spec.flatten:
+            a = a.reshape(B, -1)
+        return self.layers[-1](a)
 
 
 class Learner(abc.ABC):
@@ -134,7 +182,7 @@ class Learner(abc.ABC):
         # every random draw of the learner comes from this generator (CPU, so that
         # CPU and CUDA runs start from the same weights)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.model = MLP(config.arch, config.activations, config.bias, self.device)
+        self.model = Net(config.network, config.activations, config.bias, self.device)
         self._init_weights()
 
     # -- the interface ------------------------------------------------------------
@@ -179,11 +227,11 @@ class Learner(abc.ABC):
 
     @property
     def n_inputs(self) -> int:
-        return self.config.arch[0]
+        return self.config.n_inputs
 
     @property
     def n_outputs(self) -> int:
-        return self.config.arch[-1]
+        return self.config.n_outputs
 
     # -- state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -226,26 +274,28 @@ class Learner(abc.ABC):
         New input columns start at zero, so existing predictions do not change; new output
         rows start at zero too. Optimizer moments and memories are padded with zeros.
         """
-        arch = list(self.config.arch)
-        grow_in = n_inputs is not None and n_inputs > arch[0]
-        grow_out = n_outputs is not None and n_outputs > arch[-1]
+        grow_in = n_inputs is not None and n_inputs > self.n_inputs
+        grow_out = n_outputs is not None and n_outputs > self.n_outputs
         if not (grow_in or grow_out):
             return
+        if grow_in and not self.config.network.is_mlp:
+            raise ConfigError(f"only an MLP's input layer can grow; `arch` is `{self.config.arch_string()}`")
         state = self.state_dict()
-        if grow_in:
-            arch[0] = n_inputs
-        if grow_out:
-            arch[-1] = n_outputs
-        last = len(arch) - 2
-        self.config = self.config.replace(arch=tuple(arch))
-        self.model = MLP(self.config.arch, self.config.activations, self.config.bias, self.device)
+        if isinstance(self.config.arch, tuple):
+            arch: Any = (n_inputs if grow_in else self.n_inputs, *self.config.arch[1:-1],
+                         n_outputs if grow_out else self.n_outputs)
+        else:  # a spec: its last token is the output layer's width
+            arch = self.config.arch.rsplit("-", 1)[0] + f"-{n_outputs}"
+        last = len(self.config.network.layers) - 1
+        self.config = self.config.replace(arch=arch)
+        self.model = Net(self.config.network, self.config.activations, self.config.bias, self.device)
         state["config"] = self.config.to_dict()
         for name, tensor in list(_named_tensors(state)):
             index = int(name.split(".")[1])
             if grow_in and index == 0 and tensor.dim() == 2:
-                tensor = _pad(tensor, 1, arch[0])
+                tensor = _pad(tensor, 1, self.n_inputs)
             if grow_out and index == last:
-                tensor = _pad(tensor, 0, arch[-1])
+                tensor = _pad(tensor, 0, self.n_outputs)
             _set_named_tensor(state, name, tensor)
         self._pad_extra(state)
         self._build()
@@ -253,13 +303,19 @@ class Learner(abc.ABC):
 
     # -- helpers ------------------------------------------------------------------
     def _init_weights(self) -> None:
-        """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases (PyTorch's Linear default)."""
+        """U(-k, k) for every weight and bias, as PyTorch's own layers: k = 1/sqrt(fan_in), the
+        fan-in of a unit (in_features, or channels x kernel area); 1/sqrt(hidden) for an RNN."""
         with torch.no_grad():
-            for m in self.model.layers:
-                k = 1.0 / math.sqrt(m.in_features)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=self.generator) * (2 * k) - k)
-                if m.bias is not None:
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=self.generator) * (2 * k) - k)
+            for spec, m in zip(self.config.network.layers, self.model.layers):
+                if spec.kind == "rnn":
+                    fan_in = spec.out_shape[0]
+                elif spec.kind == "conv":
+                    fan_in = spec.in_shape[0] * spec.kernel ** 2
+                else:
+                    fan_in = math.prod(spec.in_shape)
+                k = 1.0 / math.sqrt(fan_in)
+                for p in m.parameters():
+                    p.copy_(torch.rand(p.shape, generator=self.generator) * (2 * k) - k)
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != np.float32 and x.dtype != np.float64:
@@ -372,8 +428,11 @@ class AMLearner(Learner):
             raise ConfigError(f"`backend` must be `auto`, `numpy` or `torch`, got `{backend}`")
         if backend == "numpy" and self.device.type != "cpu":
             raise ConfigError(f"`backend` `numpy` runs on the CPU only, not on `{self.device}`")
+        torch_only = any(spec.kind == "conv" or spec.pool for spec in config.network.layers)
+        if backend == "numpy" and torch_only:
+            raise ConfigError(f"`backend` `numpy` has no convolutions or pooling; `arch` `{config.arch_string()}` needs torch")
         if backend == "auto":
-            backend = "numpy" if self.device.type == "cpu" else "torch"
+            backend = "numpy" if self.device.type == "cpu" and not torch_only else "torch"
         self.backend = BACKENDS[backend]
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._build()
@@ -383,15 +442,17 @@ class AMLearner(Learner):
     def _build(self) -> None:
         """Allocate the flat buffers for the current config and point the model at them."""
         c = self.config
-        names = [f"layers.{i}.{kind}" for i, m in enumerate(self.model.layers)
-                 for kind in (("weight", "bias") if c.bias else ("weight",))]
+        network = c.network
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        names = list(shapes)  # layer by layer, weight before bias: the output layer is last
         sizes = [math.prod(shapes[n]) for n in names]
-        n_out = sum(sizes[-2:] if c.bias else sizes[-1:])
+        last = f"layers.{len(network.layers) - 1}."
+        n_out = sum(size for n, size in zip(names, sizes) if n.startswith(last))
         total = sum(sizes)
         self._hidden_size = total - n_out  # the hidden layers come first in the buffers
-        self._max_fan = max(i * o for i, o in zip(c.arch[:-1], c.arch[1:]))  # see BLAS_THREADED_WORK
-        self._min_block = min(min(c.mem_block, n + c.bias) for n in c.arch[:-2]) if c.n_hidden else 1
+        self._max_fan = _work_per_sample(network)  # see BLAS_THREADED_WORK
+        hidden_inputs = [spec.in_shape[0] for spec in network.layers[:-1]]
+        self._min_block = min(min(c.mem_block, n + c.bias) for n in hidden_inputs) if hidden_inputs else 1
         on_cpu = self.device.type == "cpu"
 
         def zeros(*shape):
@@ -413,7 +474,7 @@ class AMLearner(Learner):
         self._buffers = b
         # AM-mem: per hidden layer the memories A, B and the inverses of A's diagonal blocks
         self.memories: list[tuple[Any, Any, list]] = []
-        if c.uses_memory:
+        if c.uses_memory:  # an MLP (AMConfig checks)
             for m in self.model.layers[:-1]:
                 n_in = m.in_features + (1 if c.bias else 0)
                 inverses = [zeros(J.stop - J.start, J.stop - J.start) for J in F.blocks(n_in, c.mem_block)]
@@ -421,10 +482,9 @@ class AMLearner(Learner):
         self._mem_age = 0  # updates since the block inverses were computed (0: never)
         self._view_cache: dict[str, Any] = {}
         params = self._views(TORCH).params
-        for i, m in enumerate(self.model.layers):
-            m.weight = nn.Parameter(params[f"layers.{i}.weight"], requires_grad=False)
-            if c.bias:
-                m.bias = nn.Parameter(params[f"layers.{i}.bias"], requires_grad=False)
+        for name, view in params.items():
+            layer, attr = name.rsplit(".", 1)
+            setattr(self.model.get_submodule(layer), attr, nn.Parameter(view, requires_grad=False))
 
     def _views(self, xp) -> Any:
         """The buffers as ``xp``'s arrays, cut into per-layer views and optimizer slots."""
@@ -468,7 +528,7 @@ class AMLearner(Learner):
         factor = self.lr_factor
         refactor = c.uses_memory and F.memory_refactor_due(self._mem_age, batch, c.mem_decay, self._min_block)
         return F.AMHyper(
-            activations=c.activations, loss=c.loss, mu=self.mu, lr=c.lr * factor,
+            loss=c.loss, mu=self.mu, lr=c.lr * factor,
             lr_out=c.lr_out * factor, t=self.n_updates * c.weight_iters,
             code_iters_top=c.code_iters_top, code_iters=c.code_iters, code_solver=c.code_solver,
             code_step=c.code_step, weight_iters=c.weight_iters, uses_memory=c.uses_memory,
@@ -476,9 +536,10 @@ class AMLearner(Learner):
             mem_ridge=c.mem_ridge, mem_refactor=refactor, betas=c.adam_betas, eps=c.adam_eps, momentum=c.momentum)
 
     def _forward_numpy(self, x: np.ndarray) -> np.ndarray:
-        if self.device.type != "cpu":
+        if self.backend is not NUMPY:
             return super()._forward_numpy(x)
-        return F.encode_input(x, self._views(NUMPY).slots.layers, self.config.activations).out
+        u = self._views(NUMPY).slots.net.unroll(x)
+        return F.encode_input(u.x0, u.layers, u.activations).out
 
     # -- state -----------------------------------------------------------------------
     def _own_state(self) -> dict[str, Any]:
@@ -521,11 +582,11 @@ class AMLearner(Learner):
     def _pad_extra(self, state: dict[str, Any]) -> None:
         """Memories of a grown input layer: zero rows and columns for the new inputs, the
         bias's row and column staying last."""
-        if not state["memories"] or self.config.arch[0] == state["memories"][0][0].shape[0] - self.config.bias:
+        if not state["memories"] or self.n_inputs == state["memories"][0][0].shape[0] - self.config.bias:
             return
         A, B = state["memories"][0]
         n_old = A.shape[0] - (1 if self.config.bias else 0)
-        n_new = self.config.arch[0] + (1 if self.config.bias else 0)
+        n_new = self.n_inputs + (1 if self.config.bias else 0)
         index = torch.cat([torch.arange(n_old), torch.arange(n_new - 1, n_new)]) if self.config.bias \
             else torch.arange(n_old)
         A2, B2 = A.new_zeros(n_new, n_new), B.new_zeros(B.shape[0], n_new)
@@ -603,17 +664,41 @@ class _Views:
             out = SGDSlot(bt["param"][h:], bt["grad"][h:], bt["momentum_buffer"])
         else:
             out = adam(h, total)
-        n_layers = len(c.arch) - 1
-
-        def layer(store, i):
-            return F.Layer(store[f"layers.{i}.weight"], store.get(f"layers.{i}.bias"))
-
         self.memories = [(as_xp(A), as_xp(B), [as_xp(P) for P in inverses])
                          for A, B, inverses in learner.memories]
         joint = adam(0, total) if (hidden is not None and isinstance(out, AdamSlot)) else None
-        self.slots = F.Slots(layers=[layer(self.params, i) for i in range(n_layers)],
-                             grads=[layer(grads, i) for i in range(n_layers)],
-                             hidden=hidden, out=out, joint=joint, memories=self.memories)
+        self.slots = F.Slots(net=_functional_net(c, self.params, grads), hidden=hidden, out=out,
+                             joint=joint, memories=self.memories)
+
+
+def _functional_net(config: AMConfig, params: dict[str, Any], grads: dict[str, Any]):
+    """The layers of :mod:`amstream.functional` on views of the parameters and gradients."""
+    network = config.network
+
+    def layer(store, i, spec):
+        W, b = store[f"layers.{i}.weight"], store.get(f"layers.{i}.bias")
+        if spec.kind == "conv":
+            return F.Conv(W, b, spec.stride, spec.padding, spec.pool)
+        return F.Dense(W, b, spec.pool, spec.flatten)
+
+    if network.is_rnn:
+        rnn, out = network.layers
+        return F.Elman(params["layers.0.weight_ih"], params["layers.0.weight_hh"], params.get("layers.0.bias"),
+                       layer(params, 1, out), (grads["layers.0.weight_ih"], grads["layers.0.weight_hh"],
+                                               grads.get("layers.0.bias")), layer(grads, 1, out), rnn.steps)
+    specs = network.layers
+    return F.Stack([layer(params, i, s) for i, s in enumerate(specs)],
+                   [layer(grads, i, s) for i, s in enumerate(specs)], config.activations,
+                   network.input_shape)
+
+
+def _work_per_sample(network: Network) -> int:
+    """Multiply-adds per sample of the largest matrix product of an update (NumPy layers)."""
+    if network.is_rnn:
+        rnn = network.layers[0]
+        steps, d, h = rnn.steps, rnn.in_shape[-1], rnn.out_shape[0]
+        return steps * h * max(d, h)
+    return max(math.prod(s.in_shape) * math.prod(s.out_shape) for s in network.layers)
 
 
 def _copy_named(dest: dict[str, Any], src: dict[str, Any], what: str) -> None:
@@ -669,7 +754,9 @@ class BackpropLearner(Learner):
         return Update(losses, out)
 
     def _own_state(self) -> dict[str, Any]:
-        return {"optimizers": {"opt": self.opt.state_dict()}}
+        # a copy: torch.optim's state_dict holds the live moment tensors, which a learner loading
+        # it would then share with this one
+        return {"optimizers": {"opt": copy.deepcopy(self.opt.state_dict())}}
 
     def _load_own_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

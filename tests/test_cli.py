@@ -49,9 +49,24 @@ def test_train_then_evaluate_json(tmp_path):
     assert evaluated["test_accuracy"] == pytest.approx(result["test_accuracy"])
 
 
+@pytest.mark.parametrize("arch, activation, expected", [
+    ("lenet5", "relu", "1x28x28-c6k5p2-pool2-c16k5-pool2-120-84-10"),
+    ("rnn:15", "relu", "784-rnn15-10"),
+    ("784-64-32-10", "sign,tanh", "784-64-32-10"),
+])
+def test_train_other_architectures(arch, activation, expected, capsys):
+    """`--arch lenet5`, `--arch rnn:15` and the binary net's `--activation sign,tanh`."""
+    assert main(["train", "--dataset", "mnist", "--limit", "256", "--arch", arch, "--activation", activation,
+                 "--epochs", "1", "--batch-size", "128", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["arch"] == expected and result["updates"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (("train", "--dataset", "digits", "--arch", "784-100-10", "--epochs", "1"),
      "`--arch 784-100-10` does not fit the data: it has 64 features"),
+    (("train", "--dataset", "digits", "--arch", "lenet5", "--epochs", "1"),
+     "takes 784 inputs and gives 10 outputs, but the data has 64 features"),
     (("train", "--dataset", "no-such-set", "--epochs", "1"), "no-such-set"),
     (("train", "--dataset", "digits", "--set", "mem_decay=2", "--epochs", "1"), "`mem_decay` must be in (0, 1]"),
 ])

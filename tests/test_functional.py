@@ -143,7 +143,7 @@ def test_weight_gradients_match_autograd():
     mu = 0.7
     (mu * (c - x @ W.T - b).pow(2).sum() / len(x)).backward()
     grad = F.Layer(torch.empty_like(W), torch.empty_like(b))
-    F.local_lsq_grad(x, F.lsq_residual(c, x, layers[0]), mu, grad)
+    F.local_lsq_grad(layers[0], x, F.lsq_residual(c, x, layers[0]), mu, grad)
     torch.testing.assert_close(grad.weight, W.grad)
     torch.testing.assert_close(grad.bias, b.grad)
 

@@ -20,7 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    choices=("am-adam", "am-mem", "am-adam-off", "am-mem-off", "sgd", "adam", "ste"))
     g.add_argument("--arch", default=None,
                    help="layer sizes, e.g. 784-500-500-10; hidden sizes only (500-500) take the "
-                        "input and output sizes from the dataset (default 100-100)")
+                        "input and output sizes from the dataset (default 100-100); or a network: "
+                        "lenet5, rnn:15 (an Elman RNN over the features, one per step), or a spec "
+                        "such as 1x28x28-c6k5p2-pool2-c16k5-pool2-120-84-10 (see README)")
     g.add_argument("--activation", default="relu",
                    help="one activation for all hidden layers or a comma list (e.g. sign,tanh)")
     g.add_argument("--no-bias", action="store_true", help="linear layers without bias")
@@ -71,6 +73,14 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def _expand_arch(text: str, n_inputs: int, n_outputs: int) -> str:
+    """``rnn:H`` -> ``{n_inputs}-rnnH-{n_outputs}``: an Elman RNN over the features, one per step."""
+    kind, sep, width = text.partition(":")
+    if sep and kind.strip().lower() == "rnn":
+        return f"{n_inputs}-rnn{width.strip()}-{n_outputs}"
+    return text
+
+
 def config_from_args(args: argparse.Namespace, *, n_inputs: int, n_outputs: int, loss: str = "ce"):
     """Build the AMConfig from --config, the flags and --set, checking sizes against the data."""
     from amstream.config import AMConfig, parse_arch
@@ -82,8 +92,16 @@ def config_from_args(args: argparse.Namespace, *, n_inputs: int, n_outputs: int,
 
         with open(args.config, "rb") as fh:
             fields.update(tomllib.load(fh))
-    sizes = parse_arch(args.arch) if args.arch else parse_arch(fields.get("arch", (100, 100)))
-    if args.arch is None and "arch" in fields and len(sizes) >= 2 and sizes[0] == n_inputs:
+    sizes = parse_arch(_expand_arch(args.arch, n_inputs, n_outputs) if args.arch else fields.get("arch", (100, 100)))
+    if isinstance(sizes, str):  # a network spec: it fixes its own input and output sizes
+        from amstream.network import parse_network
+
+        network = parse_network(sizes)
+        if (network.n_inputs, network.n_outputs) != (n_inputs, n_outputs):
+            raise ConfigError(f"`arch` `{sizes}` takes {network.n_inputs} inputs and gives {network.n_outputs} "
+                              f"outputs, but the data has {n_inputs} features and {n_outputs} outputs")
+        arch: Any = sizes
+    elif args.arch is None and "arch" in fields and len(sizes) >= 2 and sizes[0] == n_inputs:
         arch = sizes
     elif args.arch and len(sizes) >= 2 and sizes[0] == n_inputs and sizes[-1] == n_outputs:
         arch = sizes
