@@ -73,9 +73,9 @@ class Backend:
     def zeros_like(self, u): raise NotImplementedError
     def ones_like(self, u): raise NotImplementedError
     def log_softmax(self, z): raise NotImplementedError
-    def softmax_xent(self, z, y):
-        """The multinomial loss of eq. (2) per row of logits z [B, m] with class ids y [B],
-        and its gradient w.r.t. z, ``softmax(z) - onehot(y)``."""
+    def softmax_xent(self, z, y, with_loss: bool = True):
+        """The multinomial loss of eq. (2) per row of logits z [B, m] with class ids y [B]
+        (None unless ``with_loss``), and its gradient w.r.t. z, ``softmax(z) - onehot(y)``."""
         raise NotImplementedError
 
     def active_columns(self, u):
@@ -144,13 +144,15 @@ class _Numpy(Backend):
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
     # (the ufuncs' own reduce methods: ndarray.max / .sum add a Python layer per call)
-    def softmax_xent(self, z, y):
+    def softmax_xent(self, z, y, with_loss=True):
         z = z - np.maximum.reduce(z, axis=1, keepdims=True)
         e = np.exp(z)
         total = np.add.reduce(e, axis=1, keepdims=True)
         rows = np.arange(len(y))
-        loss = np.log(total[:, 0])
-        loss -= z[rows, y]
+        loss = None
+        if with_loss:
+            loss = np.log(total[:, 0])
+            loss -= z[rows, y]
         e /= total
         e[rows, y] -= 1.0
         return loss, e
@@ -203,9 +205,9 @@ class _Torch(Backend):
     def zeros_like(self, u): return torch.zeros_like(u)
     def ones_like(self, u): return torch.ones_like(u)
     def log_softmax(self, z): return torch.log_softmax(z, dim=1)
-    def softmax_xent(self, z, y):
+    def softmax_xent(self, z, y, with_loss=True):
         logp = torch.log_softmax(z, dim=1)
-        loss = -logp.gather(1, y.view(-1, 1)).squeeze(1)
+        loss = -logp.gather(1, y.view(-1, 1)).squeeze(1) if with_loss else None
         grad = logp.exp()  # (not in place: autograd may need logp, in the objectives' tests)
         grad[torch.arange(z.shape[0], device=z.device), y] -= 1.0
         return loss, grad

@@ -117,15 +117,16 @@ def encode_input(x: Array, layers: Sequence[Layer], activations: Sequence[str]) 
 LOSS_CURVATURE = {"ce": 0.5, "mse": 1.0}
 
 
-def output_loss_grad(out: Array, y: Array, loss: str) -> tuple[Array, Array]:
-    """Per-sample loss [B] and its gradient w.r.t. the output pre-activation [B, m].
+def output_loss_grad(out: Array, y: Array, loss: str, *, with_loss: bool = True) -> tuple[Array, Array]:
+    """Per-sample loss [B] (None unless ``with_loss``) and its gradient w.r.t. the output
+    pre-activation [B, m].
 
     ``ce``: multinomial loss, y holds class indices; ``mse``: 0.5 ||out - y||^2.
     """
     if loss == "ce":
-        return backend_of(out).softmax_xent(out, y)
+        return backend_of(out).softmax_xent(out, y, with_loss)
     diff = out - y.reshape(out.shape)
-    return 0.5 * (diff * diff).sum(1), diff
+    return (0.5 * (diff * diff).sum(1) if with_loss else None), diff
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def solve_top_code(
         if it == 0 and g_out_fwd is not None:
             g_out = g_out_fwd
         else:
-            g_out = output_loss_grad(out_layer.forward(a), y, loss)[1]
+            g_out = output_loss_grad(out_layer.forward(a), y, loss, with_loss=False)[1]
         grad = W.adjoint(g_out)
         grad *= d
         if it > 0:  # at c = c_fwd the penalty's gradient is 0
@@ -307,13 +308,12 @@ def update_codes(
 # ---------------------------------------------------------------------------------------
 # Algorithm 2.3, updateWeights: layer-local gradients (AM-Adam) and memories (AM-mem)
 # ---------------------------------------------------------------------------------------
-def output_grad(a_top, y, out_layer: Layer, loss: str, grad: Layer) -> Array:
+def output_grad(a_top, y, out_layer: Layer, loss: str, grad: Layer) -> None:
     """Gradient of the mean loss w.r.t. W[L+1], b[L+1], with input sigma(c[L]) (line 1),
-    written into ``grad``. Returns the per-sample loss."""
-    per_sample, g = output_loss_grad(out_layer.forward(a_top), y, loss)
+    written into ``grad``."""
+    g = output_loss_grad(out_layer.forward(a_top), y, loss, with_loss=False)[1]
     g *= 1.0 / a_top.shape[0]
     out_layer.grad_into(a_top, g, grad)
-    return per_sample
 
 
 def lsq_residual(c, a_in, layer: Layer):
