@@ -120,10 +120,10 @@ class _Numpy(Backend):
     def eye(self, n, like): return np.eye(n, dtype=like.dtype)
 
     def rowsq(self, u):
-        flat = u.reshape(u.shape[0], -1)
+        flat = u.reshape(u.shape[0], u[:1].size if len(u) else 0)
         if flat.shape[0] == 1:  # one sample: a dot product is the cheapest call
             return (flat @ flat.T).reshape((1,) * u.ndim)
-        return np.einsum("ij,ij->i", flat, flat).reshape((-1,) + (1,) * (u.ndim - 1))
+        return np.einsum("ij,ij->i", flat, flat).reshape((len(u),) + (1,) * (u.ndim - 1))
 
     def colsum(self, r): return np.add.reduce(r, axis=0)
     def colsum_into(self, out, r): np.add.reduce(r, axis=0, out=out)

@@ -312,7 +312,7 @@ def output_grad(a_top, y, out_layer: Layer, loss: str, grad: Layer) -> None:
     """Gradient of the mean loss w.r.t. W[L+1], b[L+1], with input sigma(c[L]) (line 1),
     written into ``grad``."""
     g = output_loss_grad(out_layer.forward(a_top), y, loss, with_loss=False)[1]
-    g *= 1.0 / a_top.shape[0]
+    g *= 1.0 / max(1, a_top.shape[0])  # (an empty minibatch: a zero gradient)
     out_layer.grad_into(a_top, g, grad)
 
 
@@ -327,7 +327,7 @@ def local_lsq_grad(layer: Layer, a_in, residual, mu: float, grad: Layer) -> None
 
     ``residual`` is ``c - W a - b`` at the new codes; the gradient is -2 mu/B r^T a.
     """
-    layer.grad_into(a_in, residual * (-2.0 * mu / a_in.shape[0]), grad)
+    layer.grad_into(a_in, residual * (-2.0 * mu / max(1, a_in.shape[0])), grad)
 
 
 def augment(a, has_bias: bool):
@@ -345,6 +345,7 @@ def update_memory(A, B, a_in, c, decay: float = 1.0, *, reduce: Reduce | None = 
     dA, dB = a_in.T @ a_in, c.T @ a_in
     if reduce is not None:
         reduce("memory", (dA, dB))
+        reduce("wait", ())
     if decay != 1.0:
         A *= decay
         B *= decay
@@ -500,7 +501,7 @@ class Elman(NamedTuple):
 
     def unroll(self, x) -> Unrolled:
         B, T = x.shape[0], self.steps
-        inputs = x.reshape(B, T, -1) @ self.weight_ih.T  # [B, T, H]: all steps' input terms at once
+        inputs = x.reshape(B, T, x.shape[1] // T) @ self.weight_ih.T  # [B, T, H]: all steps' input terms at once
         if self.bias is not None:
             inputs += self.bias
         steps = [Dense(self.weight_hh, inputs[:, t]) for t in range(T)]
@@ -514,14 +515,15 @@ class Elman(NamedTuple):
         if residuals is None:
             residuals = [lsq_residual(codes[t], a_in[t], u.layers[t]) for t in range(T)]
         xp = backend_of(u.x)
-        scale = -2.0 * mu / B
+        scale = -2.0 * mu / max(1, B)
         R = xp.stack(residuals, 1) * scale  # [B, T, H]
         H_prev = xp.stack(a_in[:T], 1)  # tanh(c_{t-1}), [B, T, H]
-        xs = u.x.reshape(B, T, -1)
-        xp.matmul_into(g_hh, R.reshape(B * T, -1).T, H_prev.reshape(B * T, -1))
-        xp.matmul_into(g_ih, R.reshape(B * T, -1).T, xs.reshape(B * T, -1))
+        H, D = g_hh.shape[0], g_ih.shape[1]
+        R = R.reshape(B * T, H)
+        xp.matmul_into(g_hh, R.T, H_prev.reshape(B * T, H))
+        xp.matmul_into(g_ih, R.T, u.x.reshape(B * T, D))
         if g_b is not None:
-            xp.colsum_into(g_b, R.reshape(B * T, -1))
+            xp.colsum_into(g_b, R)
         if reduce is not None:
             reduce("grad", self.grads)
 
@@ -573,9 +575,11 @@ def update_weights(u: Unrolled, y, codes: list, acts: list, residuals: list, slo
     residuals the code solvers left (layer inputs are the activations of the new codes).
 
     ``reduce(what, arrays)`` is called, when given, on each set of sums that a step adds up
-    over the samples - a hidden layer's gradient as soon as it is known, the output layer's,
-    AM-mem's memory increments - before they are used; it may sum them over processes in
-    place (:mod:`amstream.distributed`).
+    over the samples - ``"grad"``: the output layer's gradient, then each hidden layer's as soon
+    as it is known; ``"memory"``: AM-mem's memory increments - and with ``"wait"`` before the
+    optimizer steps use the gradients; it may sum them over processes in place
+    (:mod:`amstream.distributed`), in the same order on every process, whatever its share of the
+    minibatch (an empty one included).
     """
     net, layers, out_grad = slots.net, u.layers, slots.net.out_grad
     a_in = [u.x0] + list(acts)
@@ -588,6 +592,9 @@ def update_weights(u: Unrolled, y, codes: list, acts: list, residuals: list, slo
             # lines 8-10: each hidden layer's own Adam step on its local least squares (6)
             if codes:
                 net.hidden_grads(u, a_in, codes, residuals if it == 0 else None, h.mu, reduce)
+        if reduce is not None:
+            reduce("wait", ())
+        if not h.uses_memory:
             if slots.joint is not None and h.lr == h.lr_out:  # every layer in one call
                 _optimizer_step(slots.joint, h.lr, h, h.t + it + 1)
                 continue

@@ -15,6 +15,7 @@ layer's gradient buffers. ``Dense`` runs on either backend; ``Conv`` and max-poo
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -44,7 +45,7 @@ class Dense(NamedTuple):
     def forward(self, a):
         if self.plain:
             return backend_of(a).linear(a, self.weight, self.bias)
-        return backend_of(a).linear(_pooled(a, self.pool)[0].reshape(a.shape[0], -1), self.weight, self.bias)
+        return backend_of(a).linear(_flat(_pooled(a, self.pool)[0]), self.weight, self.bias)
 
     def at(self, a):
         """The layer linearized in its input at ``a`` (a plain layer is linear: itself)."""
@@ -59,7 +60,7 @@ class Dense(NamedTuple):
     def grad_into(self, a, r, grad: "Dense") -> None:
         """``grad.weight = r^T M(a)``, ``grad.bias = sum_i r_i``, in place."""
         xp = backend_of(r)
-        u = a if self.plain else _pooled(a, self.pool)[0].reshape(a.shape[0], -1)
+        u = a if self.plain else _flat(_pooled(a, self.pool)[0])
         xp.matmul_into(grad.weight, r.T, u)
         if grad.bias is not None:
             xp.colsum_into(grad.bias, r)
@@ -87,6 +88,11 @@ class Conv(NamedTuple):
         grad.weight.copy_(conv2d_weight(u, self.weight.shape, r, self.stride, self.padding))
         if grad.bias is not None:
             torch.sum(r, (0, 2, 3), out=grad.bias)
+
+
+def _flat(u):
+    """[B, ...] -> [B, n] (also for B = 0, where reshape(0, -1) is ambiguous)."""
+    return u.reshape(u.shape[0], math.prod(u.shape[1:]))
 
 
 def _pooled(a, pool: int):
@@ -122,7 +128,7 @@ class _Linearized:
         u = self._select(v)
         if isinstance(layer, Conv):
             return tF.conv2d(u, layer.weight, None, layer.stride, layer.padding)
-        return u.reshape(u.shape[0], -1) @ layer.weight.T
+        return _flat(u) @ layer.weight.T
 
     def adjoint(self, r):
         layer = self.layer

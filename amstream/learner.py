@@ -434,6 +434,7 @@ class AMLearner(Learner):
         if backend == "auto":
             backend = "numpy" if self.device.type == "cpu" and not torch_only else "torch"
         self.backend = BACKENDS[backend]
+        self.reducer: Any = None  # amstream.distributed.Reducer when this is one of several ranks
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._build()
         _copy_named(self._views(TORCH).params, initial, "model")
@@ -508,25 +509,34 @@ class AMLearner(Learner):
             x, y = x.numpy(), y.numpy()
         elif xp is TORCH and as_numpy:
             x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
-        h = self._hyper(x.shape[0])
-        if xp is NUMPY and x.shape[0] * self._max_fan >= BLAS_THREADED_WORK:
-            with _blas_threads(torch.get_num_threads()):
-                losses, outputs = F.am_step(x, y, self._views(xp).slots, h)
+        n = x.shape[0]
+        if self.reducer is not None:  # one of several ranks: the update of all ranks' samples
+            n = self.reducer.begin(x.shape[0], self.device)
+        if n == 0:  # an empty minibatch (on every rank): no update
+            losses, outputs = x[:, 0], x @ x.new_zeros((x.shape[1], self.n_outputs)) if xp is TORCH \
+                else x @ np.zeros((x.shape[1], self.n_outputs), x.dtype)
         else:
-            losses, outputs = F.am_step(x, y, self._views(xp).slots, h)
-        if h.uses_memory:
-            self._mem_age = 1 if h.mem_refactor else self._mem_age + 1
+            h = self._hyper(n)
+            if xp is NUMPY and x.shape[0] * self._max_fan >= BLAS_THREADED_WORK:
+                with _blas_threads(torch.get_num_threads()):
+                    losses, outputs = F.am_step(x, y, self._views(xp).slots, h, reduce=self.reducer)
+            else:
+                losses, outputs = F.am_step(x, y, self._views(xp).slots, h, reduce=self.reducer)
+            if h.uses_memory:
+                self._mem_age = 1 if h.mem_refactor else self._mem_age + 1
+            self._count(n)
         if as_numpy and xp is TORCH:
             losses, outputs = losses.cpu().numpy(), outputs.cpu().numpy()
         elif not as_numpy and xp is NUMPY:
             losses, outputs = torch.from_numpy(losses), torch.from_numpy(outputs)
-        self._count(x.shape[0])
         return Update(losses, outputs)
 
     def _hyper(self, batch: int) -> F.AMHyper:
         c = self.config
         factor = self.lr_factor
-        refactor = c.uses_memory and F.memory_refactor_due(self._mem_age, batch, c.mem_decay, self._min_block)
+        # (distributed: the kept factors would need every rank's samples; A itself is summed)
+        refactor = c.uses_memory and (self.reducer is not None or F.memory_refactor_due(
+            self._mem_age, batch, c.mem_decay, self._min_block))
         return F.AMHyper(
             loss=c.loss, mu=self.mu, lr=c.lr * factor,
             lr_out=c.lr_out * factor, t=self.n_updates * c.weight_iters,
