@@ -10,3 +10,7 @@ python3 -m pytest tests/test_learner.py tests/test_functional.py -q -x -p no:cac
 for a in 784-100-100-10 784-500-500-10; do python3 benchmarks/step_cost.py --device cuda --arch $a --steps 200 --json | tee -a $OUT/step_cost_cuda.jsonl; done
 python3 benchmarks/step_cost.py --device cuda --arch 784-2000-2000-10 --batch-size 1024 --steps 100 --json | tee -a $OUT/step_cost_cuda.jsonl
 timeout 240 python3 benchmarks/paper_figures.py --device cuda --archs 784-500-500-10 --epochs 3 --seeds 1 --methods am-adam am-mem adam --minibatches 50 --out $OUT/pf 2>&1 | grep -v "runs:" | tail -15
+# beyond MLPs (issue 11): AM-Adam vs Adam per minibatch for LeNet-5, the sequential-MNIST RNN and the binary net
+python3 benchmarks/step_cost.py --device cuda --arch lenet5 --steps 100 --json | tee -a $OUT/step_cost_cuda.jsonl
+python3 benchmarks/step_cost.py --device cuda --arch 784-rnn15-10 --batch-size 1024 --steps 10 --warmup 2 --json | tee -a $OUT/step_cost_cuda.jsonl
+python3 benchmarks/step_cost.py --device cuda --activation sign,tanh --steps 100 --json | tee -a $OUT/step_cost_cuda.jsonl

@@ -6,6 +6,8 @@ reported time is the median over the timed steps after a warm-up.
 
     python benchmarks/step_cost.py --json                 # 784-500-500-10, 1 thread, cpu
     python benchmarks/step_cost.py --arch 784-100-100-10 --threads 2
+    python benchmarks/step_cost.py --arch lenet5 --json   # or 784-rnn15-10 --batch-size 1024
+    python benchmarks/step_cost.py --activation sign,tanh --json   # the binary net (+ STE)
     python benchmarks/step_cost.py --device cuda --json
 
 The JSON has ``ratio_am_adam`` and ``ratio_am_mem`` (each method's median time per
@@ -24,22 +26,27 @@ import torch
 from amstream import AMConfig, make_learner
 from amstream.datasets import load_dataset
 
-ALGOS = ("adam", "am-adam", "am-mem", "sgd")
+def algos_for(cfg: AMConfig) -> tuple[str, ...]:
+    """Adam, AM-Adam and SGD; AM-mem where the net is an MLP; STE where it has sign units."""
+    return ("adam", "am-adam") + (("am-mem",) if cfg.network.is_mlp else ()) + ("sgd",) + \
+        (("ste",) if "sign" in cfg.activations else ())
 
 
-def measure(arch: tuple[int, ...], *, steps: int, warmup: int, batch_size: int, device: str,
-            seed: int) -> dict[str, float]:
+def measure(arch, *, steps: int, warmup: int, batch_size: int, device: str, seed: int,
+            activation="relu") -> dict[str, float]:
     data = load_dataset("mnist")
     rng = np.random.default_rng(seed)
     n_batches = warmup + steps
     idx = rng.permutation(len(data.x_train))[: n_batches * batch_size].reshape(n_batches, batch_size)
     xs = [torch.as_tensor(data.x_train[i], device=device) for i in idx]
     ys = [torch.as_tensor(data.y_train[i], device=device) for i in idx]
-    learners = {algo: make_learner(AMConfig(arch=arch, algo=algo, seed=seed), device=device) for algo in ALGOS}
-    times: dict[str, list[float]] = {algo: [] for algo in ALGOS}
+    base = AMConfig(arch=arch, activation=activation, seed=seed)
+    algos = algos_for(base)
+    learners = {algo: make_learner(base.replace(algo=algo), device=device) for algo in algos}
+    times: dict[str, list[float]] = {algo: [] for algo in algos}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for step in range(n_batches):
-        order = ALGOS if step % 2 == 0 else ALGOS[::-1]  # alternate who goes first
+        order = algos if step % 2 == 0 else algos[::-1]  # alternate who goes first
         for algo in order:
             sync()
             t0 = time.perf_counter()
@@ -52,7 +59,8 @@ def measure(arch: tuple[int, ...], *, steps: int, warmup: int, batch_size: int, 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="784-500-500-10")
+    p.add_argument("--arch", default="784-500-500-10", help="an MLP's sizes or any arch spec (lenet5, 784-rnn15-10)")
+    p.add_argument("--activation", default="relu", help="one name or a comma list (sign,tanh)")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--warmup", type=int, default=20)
@@ -62,16 +70,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    arch = tuple(int(s) for s in args.arch.split("-"))
-    ms = measure(arch, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                 device=args.device, seed=args.seed)
+    activation = tuple(args.activation.split(",")) if "," in args.activation else args.activation
+    ms = measure(args.arch, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+                 device=args.device, seed=args.seed, activation=activation)
     result = {
         "arch": args.arch,
         "batch_size": args.batch_size,
         "ms_per_minibatch": {k: round(v, 3) for k, v in ms.items()},
-        "ratio_am_adam": round(ms["am-adam"] / ms["adam"], 3),
-        "ratio_am_mem": round(ms["am-mem"] / ms["adam"], 3),
-        "ratio_sgd": round(ms["sgd"] / ms["adam"], 3),
+        "activation": args.activation,
+        **{f"ratio_{algo.replace('-', '_')}": round(v / ms["adam"], 3) for algo, v in ms.items() if algo != "adam"},
         "threads": torch.get_num_threads(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),
