@@ -5,7 +5,8 @@ sample) and throughput (samples/s, prediction + learning) on the *report* stream
 bundled Phishing, Bananas and ImageSegments, Elec2, the first 100k rows of Covertype, and
 River's synthetic generators with concept drift (SEA, Agrawal: abrupt-ish drift at the middle;
 Hyperplane: a rotating boundary). Every model sits behind a ``preprocessing.StandardScaler``;
-the MLPs are Linear(d, 32)-ReLU-Linear(32, C).
+the MLPs are Linear(d, H)-ReLU-Linear(H, C) with H the AMClassifier default (64) for AM and
+deep-river alike.
 
 The AMClassifier defaults were chosen by ``benchmarks/river_tune.py`` on other streams, the
 *tuning* streams of ``STREAMS`` (RandomRBF and LED with drift, Waveform, Mixed and Sine with
@@ -71,7 +72,16 @@ TITLES = {k: v[0] for k, v in STREAMS.items()}
 FULL = {k: v[2] for k, v in STREAMS.items()}
 QUICK = {k: v[3] for k, v in STREAMS.items()}
 
-HIDDEN = 32
+def _default_hidden() -> int:
+    """AMClassifier's default width: deep-river gets the same MLP."""
+    import inspect
+
+    from amstream.river import AMClassifier
+
+    return inspect.signature(AMClassifier).parameters["hidden_sizes"].default[0]
+
+
+HIDDEN = _default_hidden()
 AM_MODELS = ("AM-Adam", "AM-mem")
 MODELS = ("AM-Adam", "AM-mem", "LogReg", "HoeffdingTree", "HAT", "ARF", "deep-river", "NoChange")
 DEEP_RIVER_OPTIMIZER, DEEP_RIVER_LR = "adam", 1e-3
@@ -143,9 +153,9 @@ def make_model(name: str, *, n_classes: int, seed: int):
     from amstream.river import AMClassifier
 
     if name == "AM-Adam":
-        model = AMClassifier(hidden_sizes=(HIDDEN,), algo="am-adam", seed=seed)
+        model = AMClassifier(algo="am-adam", seed=seed)  # the defaults
     elif name == "AM-mem":
-        model = AMClassifier(hidden_sizes=(HIDDEN,), algo="am-mem", seed=seed)
+        model = AMClassifier(algo="am-mem", seed=seed)
     elif name == "LogReg":
         model = (linear_model.LogisticRegression() if n_classes == 2
                  else multiclass.OneVsRestClassifier(linear_model.LogisticRegression()))
