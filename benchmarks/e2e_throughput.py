@@ -1,7 +1,7 @@
 """End-to-end throughput: samples/s from Kafka through the serve loop into the learner.
 
 For each case the script produces ``n`` samples of a real dataset into a fresh topic of the
-embedded broker (or ``--bootstrap-servers``), then runs `amstream.stream.ServeLoop` on it in a
+embedded broker (or ``--bootstrap-servers``), then runs `amstream.serve.Runner` on it in a
 fresh consumer group (checkpoints every 100 minibatches, as a service would) until every sample
 is learned. Beside the end-to-end rate it reports where the time went:
 
@@ -9,7 +9,7 @@ is learned. Beside the end-to-end rate it reports where the time went:
 * ``learn s``: time inside ``learner.learn`` during the run;
 * ``decode s``: decoding and validating records;
 * ``wait s``: the learning thread waiting for records (what the Kafka client did not hide);
-* ``fetch s``: the prefetching thread inside ``poll_batch`` (overlaps learning).
+* ``fetch s``: the prefetching thread inside ``next_batch`` (overlaps learning).
 
 Cases: Covertype (54 features, MLP 54-64-64-7) and MNIST (784, MLP 784-256-256-10), JSON vs the
 binary codec, one sample per message vs ``K`` packed samples per message.
@@ -42,7 +42,7 @@ from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import make_codec
 from amstream.connectors.kafka import KafkaSource, create_topic, make_producer, produce_samples
 from amstream.datasets import load_dataset
-from amstream.stream import ServeLoop
+from amstream.serve import Engine, Runner, RunnerConfig, StreamModel
 from amstream.training import Preprocessor
 
 
@@ -119,13 +119,13 @@ def run_case(case: Case, args, servers: str) -> Dict[str, Any]:
 
     learner = make_learner(AMConfig(arch=arch, algo="am-adam", seed=args.seed))
     with tempfile.TemporaryDirectory() as tmp:
-        loop = ServeLoop(learner, codec, batch_size=batch, checkpoints=CheckpointManager(tmp, keep=2),
-                         checkpoint_every_batches=100, checkpoint_every_seconds=30, max_samples=len(x),
-                         idle_exit_s=10, flush_after_s=1.0, log_every_s=None)
         source = KafkaSource([topic], bootstrap_servers=servers, group_id=f"g-{topic}",
-                             on_assign=loop.on_assign, on_revoke=loop.on_revoke,
                              consumer_config={"session_timeout_ms": 2000, "heartbeat_interval_ms": 500})
-        r = loop.run(source)
+        runner = Runner(Engine(StreamModel(learner, codec), batch_size=batch), source,
+                        checkpoints=CheckpointManager(tmp, keep=2),
+                        config=RunnerConfig(checkpoint_every_batches=100, checkpoint_every_seconds=30,
+                                            max_samples=len(x), idle_exit_s=10, flush_after_s=1.0))
+        r = runner.run()
     active = r["active_seconds"]
     return {
         "case": case.name, "dataset": case.dataset, "arch": "-".join(map(str, arch)), "codec": case.codec,

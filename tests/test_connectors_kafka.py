@@ -45,7 +45,7 @@ def consume(source, n, *, timeout_s=20.0, max_records=100):
     deadline = time.monotonic() + timeout_s
     while len(records) < n:
         assert time.monotonic() < deadline, f"got {len(records)} of {n} records in {timeout_s} s"
-        records += source.poll_batch(max_records=min(max_records, n - len(records)), timeout_ms=200)
+        records += source.next_batch(max_records=min(max_records, n - len(records)), timeout_ms=200)
     return records
 
 
@@ -54,7 +54,7 @@ def wait_for_assignment(source, n_partitions, timeout_s=20.0):
     buffered = []
     while len(source.assignment()) < n_partitions:
         assert time.monotonic() < deadline, f"assignment {source.assignment()} after {timeout_s} s"
-        buffered += source.poll_batch(max_records=1, timeout_ms=100)
+        buffered += source.next_batch(max_records=1, timeout_ms=100)
     return buffered
 
 
@@ -116,7 +116,7 @@ def test_broker_that_dies_reports_its_output(tmp_path):
 def test_consume_everything_json_and_binary(member):
     member.seek({tp: 0 for tp in member.assignment()})
     records = consume(member, 2 * N)
-    assert member.poll_batch(max_records=10, timeout_ms=300) == []
+    assert member.next_batch(max_records=10, timeout_ms=300) == []
     assert sorted(int(r.key) for r in records if r.topic == "json") == list(range(N))
     assert sorted(int(r.key) for r in records if r.topic == "bin") == list(range(N))
     check_rows(records)
@@ -162,7 +162,7 @@ def test_commit_then_a_new_member_resumes_at_committed_offsets(broker):
     b = KafkaSource(["bin"], bootstrap_servers=broker.bootstrap_servers, group_id=group)
     with b:
         rest = consume(b, N - 150)
-        assert b.poll_batch(max_records=10, timeout_ms=300) == []
+        assert b.next_batch(max_records=10, timeout_ms=300) == []
         firsts = {}
         for r in rest:
             firsts.setdefault((r.topic, r.partition), r.offset)
@@ -191,7 +191,7 @@ def test_rebalance_hooks_commit_on_revoke_and_split_partitions(broker):
 
         def keep_polling():  # a must keep polling to take part in the rebalance
             while not stop.is_set():
-                got_a_later.extend(a.poll_batch(max_records=100, timeout_ms=100))
+                got_a_later.extend(a.next_batch(max_records=100, timeout_ms=100))
 
         thread = threading.Thread(target=keep_polling)
         thread.start()
@@ -201,7 +201,7 @@ def test_rebalance_hooks_commit_on_revoke_and_split_partitions(broker):
             while len(a.assignment()) != 1:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            got_b += b.poll_batch(max_records=100, timeout_ms=500)
+            got_b += b.next_batch(max_records=100, timeout_ms=500)
         finally:
             stop.set()
             thread.join()

@@ -27,7 +27,7 @@ from amstream.cli import main
 from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import BinaryCodec, JsonCodec, make_codec
 from amstream.connectors.kafka import KafkaSource, make_producer, produce_samples
-from amstream.stream import key_checksum, load_serve_checkpoint
+from amstream.serve import key_checksum, load_serve_checkpoint
 
 pytestmark = pytest.mark.kafka
 
@@ -132,7 +132,7 @@ def read_ids(bootstrap, topic, partitions, n_messages, codec):
         deadline = time.monotonic() + 30
         while seen < n_messages:
             assert time.monotonic() < deadline
-            records = src.poll_batch(1000, 200)
+            records = src.next_batch(1000, 200)
             seen += len(records)
             batch = codec.decode_records(records)
             for i in range(len(batch)):
@@ -163,9 +163,9 @@ def read_topic(bootstrap, topic, n, timeout_s=20):
         deadline = time.monotonic() + timeout_s
         while len(out) < n:
             assert time.monotonic() < deadline, f"{len(out)} of {n} messages in `{topic}`"
-            out += src.poll_batch(1000, 200)
+            out += src.next_batch(1000, 200)
         time.sleep(0.3)
-        out += src.poll_batch(1000, 200)
+        out += src.next_batch(1000, 200)
     return out
 
 
@@ -350,12 +350,15 @@ def test_broker_lost_and_restarted_empty_learner_waits_and_keeps_its_state(tansu
         def scrape():
             return urllib.request.urlopen(url, timeout=5).read().decode()
 
-        serve.wait_for(lambda: "amstream_checkpoint_age_seconds " in scrape(), 10, "a checkpoint age")
+        serve.wait_for(lambda: "amstream_checkpoint_age_seconds NaN" not in (body := scrape())
+                       and "amstream_consumer_lag{" in body, 10, "a checkpoint age and the lag")
         body = scrape()
-        assert "amstream_learned_samples 1000" in body
-        assert 'amstream_consumer_lag{partition="0",topic="r"} 0' in body
+        assert "amstream_model_learned_samples 1000.0" in body and "amstream_learned_samples_total 1000.0" in body
+        assert 'amstream_consumer_lag{partition="0",topic="r"} 0.0' in body
+        assert "amstream_step_seconds_count 20.0" in body and "amstream_model_step 20.0" in body
+        assert float(re.search(r"^amstream_checkpoint_age_seconds (\S+)$", body, re.M).group(1)) >= 0
         for name in ("samples_per_second", 'prequential_accuracy{window="recent"}', 'prequential_loss{window="total"}',
-                     "learner_seconds_total", "decode_seconds_total", "model_step 20"):
+                     "decode_seconds_total", "checkpoint_seconds_bucket", "checkpoints_total"):
             assert f"amstream_{name}" in body, name
         b.stop()
         serve.wait_for(lambda: "Kafka broker unreachable" in serve.log(), 30, "an `unreachable` report")
@@ -392,7 +395,7 @@ def test_unreachable_broker_at_start_is_retried(tmp_path):
     serve = Serve(["--topic", "t", "--bootstrap-servers", f"127.0.0.1:{port}", "--n-features", "4", "--n-classes",
                    "2", "--log-every", "0", "--json"], tmp_path, "nobroker")
     try:
-        serve.wait_for(lambda: "cannot open the source" in serve.log(), 30, "a failed connection attempt")
+        serve.wait_for(lambda: "the source failed" in serve.log(), 30, "a failed connection attempt")
         assert f"cannot reach the Kafka broker at `127.0.0.1:{port}`" in serve.log()
         serve.proc.terminate()
         assert serve.join(30) == 0

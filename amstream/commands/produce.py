@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from amstream.commands.serve import parse_settings, setup_logging
+    from amstream.commands.serve import setup_logging
     from amstream.connectors.codec import make_codec
     from amstream.connectors.kafka import create_topic, make_producer, produce_samples
     from amstream.datasets import load_dataset
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{f' ({args.partitions} partitions)' if created else ''}; producing {len(X):,} "
                      f"{data.name} {args.split} samples as {args.codec} "
                      f"({args.samples_per_message} per message) to {args.bootstrap_servers}")
-    producer = make_producer(args.bootstrap_servers, **parse_settings(args.producer_config, "--producer-config"))
+    producer = make_producer(args.bootstrap_servers, **common.parse_key_values(args.producer_config, "--producer-config"))
     k = args.samples_per_message
     chunk = max(k, int(args.rate / 10) // k * k if args.rate else 10000 // k * k)
     bar = None
