@@ -123,9 +123,10 @@ def test_runner_on_a_file_in_process(tmp_path):
     assert meta["reason"] == "shutdown" and state["offsets"] == {"d.npz:0": 2 * B * 4}  # polls of 2 minibatches
     assert state["sizes"] == {"n_features": D, "n_classes": K, "grow_classes": False}
     source = FileSource(path, n_classes=K)
-    summary = runner_for(source, learner, state=state).run()
+    runner = runner_for(source, learner, state=state)
+    summary = runner.run()
     assert summary["learned_samples"] == N and summary["stop_reason"] == "end of input"
-    assert_same_model(learner, reference_model(X, Y))
+    assert_same_model(runner.engine.learner, reference_model(X, Y))
 
 
 def test_prequential_is_test_then_train():

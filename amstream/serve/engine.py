@@ -347,6 +347,8 @@ class StreamModel:
         ``make_codec(codec_name, n_features, **codec_options)``.
     grow_classes
         Grow the learner's output layer to ``label + 1`` before a minibatch holding a larger label.
+    device
+        Where a learner restored from a state goes when there is no learner yet.
     """
 
     def __init__(
@@ -358,6 +360,7 @@ class StreamModel:
         codec_name: str = "auto",
         codec_options: Optional[Mapping[str, Any]] = None,
         grow_classes: bool = False,
+        device: Any = "cpu",
     ) -> None:
         if learner is None and build is None:
             raise ConfigError("give a `learner`, or `build` to make one once the feature count is known")
@@ -367,6 +370,7 @@ class StreamModel:
         self.codec_name = codec_name
         self.codec_options = dict(codec_options or {})
         self.grow_classes = bool(grow_classes)
+        self.device = device  # where a learner rebuilt from a state goes (see `Engine.load_state_dict`)
         self.learner: Optional[Learner] = None
         self.codec: Optional[Codec] = None
         if codec is not None:
@@ -669,18 +673,22 @@ class Engine:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a `state_dict` (the learner state is loaded into ``model.learner``, built
-        from the state's sizes when the model has none yet)."""
+        """Continue from a `state_dict`. The learner is rebuilt from the state (its classes may have
+        grown), on the device of the model's learner if it has one, and the state's sizes decide
+        the codec and whether classes grow."""
         check_state(state)
         model = self.model
-        if model.learner is None:
-            sizes = state.get("sizes") or {}
-            learner = learner_from_state(state["learner"])
-            options = dict(model.codec_options, n_classes=sizes.get("n_classes", learner.n_outputs
-                                                                        if learner.config.loss == "ce" else None))
-            model.attach(learner, make_codec(model.codec_name, learner.n_inputs, **options))
-        else:
-            model.learner.load_state_dict(state["learner"])
+        device = model.learner.device if model.learner is not None else model.device
+        learner = learner_from_state(state["learner"], device=device)
+        ce = learner.config.loss == "ce"
+        sizes = state.get("sizes") or {"n_features": learner.n_inputs, "grow_classes": False,
+                                       "n_classes": learner.n_outputs if ce else None}
+        model.grow_classes = bool(sizes["grow_classes"])
+        codec = model.codec
+        if codec is None or (codec.n_features, codec.n_classes) != (learner.n_inputs, sizes["n_classes"]):
+            options = dict(model.codec_options, n_classes=sizes["n_classes"])
+            codec = make_codec(model.codec_name, learner.n_inputs, **options)
+        model.attach(learner, codec)
         self.prequential.classification = model.classification
         self.offsets = decode_offsets(state.get("offsets", {}))
         counters = state.get("counters", {})

@@ -505,14 +505,18 @@ class Runner:
 
     @contextlib.contextmanager
     def signals_handled(self) -> Iterator[None]:
-        """SIGTERM / SIGINT stop the run after the current minibatch (checkpoint, commit, close);
-        a second one interrupts whatever is left (``KeyboardInterrupt``). Main thread only."""
+        """SIGTERM / SIGINT stop the run after the current minibatch (checkpoint, commit, close:
+        each step bounded); a second signal interrupts whatever is left (``KeyboardInterrupt``).
+        Main thread only."""
+
+        signalled = []
 
         def on_signal(signum: int, frame: Any) -> None:
             name = signal.Signals(signum).name
-            if self.stopping:
-                raise KeyboardInterrupt(f"second {name}")
-            self.request_stop(name)
+            if signalled:  # the shutdown the first one started is bounded; this one cuts it short
+                raise KeyboardInterrupt(f"second signal ({name})")
+            signalled.append(name)
+            self.request_stop(name)  # when already stopping (a limit, an error) the shutdown just goes on
 
         old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -565,34 +569,37 @@ class Runner:
         self._last_status = 0.0
         self._last_truncation_check = 0.0
         try:
-            if not self._open():
-                return
-            threaded = self.config.prefetch if self.config.prefetch is not None else isinstance(self.source, GroupSource)
-            self._feed = _PrefetchFeed(self) if threaded else _DirectFeed(self)
-            if self._stop.is_set():
-                self._feed.halt.set()
-            self._feed.start()
-            while not self._stop.is_set() and not self._limit_reached():
-                records = self._feed.take()
-                now = time.monotonic()
-                if records:
-                    self._last_record = now
-                    if self._first_data is None:
-                        self._first_data = now
-                while self.engine.ready and not self._stop.is_set() and not self._limit_reached():
-                    yield self._learn()
-                    self._maybe_checkpoint()
-                if not records and not self._feed.queued:  # nothing arrived, not merely: nothing taken yet
-                    step = self._when_idle(now)
-                    if step is not None:
-                        yield step
-                self._maybe_checkpoint()
-                self._maybe_status(now)
-                self._check_stall(now)
+            if self._open():
+                yield from self._loop()
         finally:
             self._shutdown()
         if self.error is not None:
             raise self.error
+
+    def _loop(self) -> Iterator[Step]:
+        """The run between opening the source and shutting down (see `steps`)."""
+        threaded = self.config.prefetch if self.config.prefetch is not None else isinstance(self.source, GroupSource)
+        self._feed = _PrefetchFeed(self) if threaded else _DirectFeed(self)
+        if self._stop.is_set():
+            self._feed.halt.set()
+        self._feed.start()
+        while not self._stop.is_set() and not self._limit_reached():
+            records = self._feed.take()
+            now = time.monotonic()
+            if records:
+                self._last_record = now
+                if self._first_data is None:
+                    self._first_data = now
+            while self.engine.ready and not self._stop.is_set() and not self._limit_reached():
+                yield self._learn()
+                self._maybe_checkpoint()
+            if not records and not self._feed.queued:  # nothing arrived, not merely: nothing taken yet
+                step = self._when_idle(now)
+                if step is not None:
+                    yield step
+            self._maybe_checkpoint()
+            self._maybe_status(now)
+            self._check_stall(now)
 
     def summary(self) -> Dict[str, Any]:
         """What a run reports (lifetime counters come from the restored state)."""
