@@ -1,10 +1,11 @@
-"""One retry loop with exponential backoff, for every call that may fail for a while.
+"""One retry policy for every call that may fail for a while, on top of ``tenacity``.
 
-`retry` calls a function until it returns. Errors that ``transient`` accepts are retried after a
-`Backoff` delay; any other error is raised at once (a bad setting, a permanent broker error).
-It gives up after ``attempts`` tries or ``timeout_s`` seconds (raising the last error), and stops
-early when a ``stop`` event is set (raising `Stopped`): the waits are ``Event.wait`` calls, so a
-signal handler that sets the event ends a retry within one wait, never after the full backoff.
+`retry` calls a function until it returns. Errors that ``transient`` accepts are retried after
+exponential `Backoff` delays; any other error is raised at once (a bad setting, a permanent
+broker error). It gives up after ``attempts`` tries or ``timeout_s`` seconds (raising the last
+error), and stops early when a ``stop`` event is set (raising `Stopped`): the waits are
+``Event.wait`` calls, so a signal handler that sets the event ends a retry within one wait, never
+after the full backoff.
 
 Used for connecting clients to a broker (`amstream.connectors.kafka`), opening a source and
 polling it (`amstream.serve.runner`).
@@ -27,15 +28,17 @@ Examples
 Traceback (most recent call last):
 ...
 ConnectionError: broker down
->>> b = Backoff(0.5, 4.0)
->>> [b.next() for _ in range(5)]
+>>> Backoff(0.5, 4.0).delays(5)
 [0.5, 1.0, 2.0, 4.0, 4.0]
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Optional, Tuple, Type, TypeVar, Union
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple, Type, TypeVar, Union
+
+import tenacity
 
 from amstream.exceptions import AmstreamError, ConfigError
 
@@ -49,29 +52,35 @@ class Stopped(AmstreamError):
     """A stop was requested while `retry` was waiting or before an attempt."""
 
 
+@dataclass(frozen=True)
 class Backoff:
-    """Delays that start at ``initial_s`` and grow by ``factor`` up to ``max_s``; `reset` after a success."""
+    """Delays that start at ``initial_s`` and grow by ``factor`` up to ``max_s``."""
 
-    def __init__(self, initial_s: float = 0.5, max_s: float = 30.0, factor: float = 2.0) -> None:
-        if not 0 < initial_s <= max_s or factor < 1:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s or self.factor < 1:
             raise ConfigError(f"backoff needs 0 < `initial_s` <= `max_s` and `factor` >= 1, got "
-                              f"`{initial_s}`, `{max_s}`, `{factor}`")
-        self.initial_s = float(initial_s)
-        self.max_s = float(max_s)
-        self.factor = float(factor)
-        self._next = self.initial_s
+                              f"`{self.initial_s}`, `{self.max_s}`, `{self.factor}`")
 
-    def next(self) -> float:
-        """The delay to wait now; the following one is longer."""
-        delay = self._next
-        self._next = min(self.max_s, self._next * self.factor)
-        return delay
+    def wait(self) -> tenacity.wait.wait_base:
+        return tenacity.wait_exponential(multiplier=self.initial_s, exp_base=self.factor, max=self.max_s)
 
-    def reset(self) -> None:
-        self._next = self.initial_s
+    def delays(self, n: int) -> List[float]:
+        """The first ``n`` delays (for documentation and tests)."""
+        wait = self.wait()
+        return [float(wait(_state(attempt))) for attempt in range(1, n + 1)]
 
 
-def _is_transient(transient: Transient, exc: BaseException) -> bool:
+def _state(attempt: int) -> tenacity.RetryCallState:
+    state = tenacity.RetryCallState(None, None, (), {})
+    state.attempt_number = attempt
+    return state
+
+
+def _accepts(transient: Transient, exc: BaseException) -> bool:
     if isinstance(transient, type) or isinstance(transient, tuple):
         return isinstance(exc, transient)
     return bool(transient(exc))
@@ -100,8 +109,7 @@ def retry(
     attempts
         Tries in all (None: no limit).
     timeout_s
-        Give up once this much time has passed since the first attempt (None: no limit);
-        the last wait is shortened to end at the deadline.
+        No new attempt once this much time has passed since the first one (None: no limit).
     stop
         An event; once set, no new attempt starts and a wait ends at once with `Stopped`.
     on_retry
@@ -109,26 +117,24 @@ def retry(
     """
     if attempts is not None and attempts < 1:
         raise ConfigError(f"`attempts` must be >= 1 or None, got `{attempts!r}`")
-    backoff = backoff or Backoff()
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    attempt = 0
-    while True:
-        if stop is not None and stop.is_set():
-            raise Stopped("stopped before the next attempt")
-        attempt += 1
-        try:
-            return fn()
-        except Exception as exc:
-            if not _is_transient(transient, exc):
-                raise
-            delay = backoff.next()
-            if deadline is not None:
-                delay = min(delay, deadline - time.monotonic())
-            if (attempts is not None and attempt >= attempts) or delay <= 0:
-                raise
-            if on_retry is not None:
-                on_retry(exc, attempt, delay)
-            if stop is None:
-                time.sleep(delay)
-            elif stop.wait(delay):
-                raise Stopped(f"stopped while waiting to retry after: {exc}") from exc
+    limits = ([tenacity.stop_after_attempt(attempts)] if attempts is not None else []) + (
+        [tenacity.stop_after_delay(timeout_s)] if timeout_s is not None else [])
+
+    def sleep(seconds: float) -> None:
+        if stop is None:
+            time.sleep(seconds)
+        elif stop.wait(seconds):
+            raise Stopped("stopped while waiting to retry")
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None and state.next_action is not None:
+            on_retry(state.outcome.exception(), state.attempt_number, state.next_action.sleep)
+
+    if stop is not None and stop.is_set():
+        raise Stopped("stopped before the first attempt")
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lambda exc: _accepts(transient, exc)),
+        wait=(backoff or Backoff()).wait(),
+        stop=tenacity.stop_any(*limits) if limits else tenacity.stop_never,
+        sleep=sleep, before_sleep=before_sleep, reraise=True)
+    return retrying(fn)

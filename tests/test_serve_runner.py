@@ -240,3 +240,8 @@ def test_retry_stops_at_once_when_told_and_gives_up_at_its_limits():
     assert retry(lambda: 7, transient=lambda e: True) == 7
     with pytest.raises(ConfigError, match=re.escape("0 < `initial_s` <= `max_s`")):
         Backoff(2, 1)
+    seen = []
+    with pytest.raises(ConnectionError):
+        retry(down, transient=ConnectionError, backoff=Backoff(0.001, 0.004), attempts=5,
+              on_retry=lambda exc, n, delay: seen.append((str(exc), n, delay)))
+    assert seen == [("down", 1, 0.001), ("down", 2, 0.002), ("down", 3, 0.004), ("down", 4, 0.004)]

@@ -203,7 +203,7 @@ class _Feed:
         self.halt = threading.Event()  # stop polling (set by the runner's stop, or at shutdown)
         self.poll_started: Optional[float] = None  # monotonic start of the poll in progress
         self._backoff = Backoff(runner.config.retry_initial_s, max(runner.config.retry_initial_s,
-                                                                     runner.config.retry_max_s))
+                                                                     runner.config.retry_max_s))  # per poll
 
     def poll(self, max_records: int) -> List[_Item]:
         runner, source = self.runner, self.source
@@ -228,7 +228,6 @@ class _Feed:
             return [_Rewind(exc.partition, exc.offset, exc.expected, "reset")]
         except Exception as exc:
             return [_Failure(exc)]
-        self._backoff.reset()
         return [records] if records else []
 
     def commit(self, offsets: Offsets) -> None:
@@ -421,6 +420,72 @@ class _PrefetchFeed(_Feed):
         return True
 
 
+class _Checkpointer:
+    """The checkpoint schedule and the save: flush the sinks, then write the engine's state
+    atomically, then remember the offsets it holds (only those may be committed)."""
+
+    def __init__(self, runner: "Runner") -> None:
+        self.runner = runner
+        engine = runner.engine
+        self.saved_offsets: Offsets = dict(engine.offsets) if not engine.dirty else {}
+        self.last_mono = time.monotonic()
+        self.last_time: Optional[float] = None  # wall clock of the last checkpoint file
+        self.last_path: Optional[str] = None
+        self.failures = 0
+
+    def due(self) -> bool:
+        engine, config = self.runner.engine, self.runner.config
+        if not engine.dirty or not engine.can_snapshot:
+            return False
+        by_count = config.checkpoint_every_batches and engine.batches_since_saved >= config.checkpoint_every_batches
+        by_time = config.checkpoint_every_seconds and time.monotonic() - self.last_mono >= config.checkpoint_every_seconds
+        return bool(by_count or by_time)
+
+    def save(self, reason: str) -> bool:
+        """True when the engine's current offsets are safely checkpointed (call under the runner's lock)."""
+        runner = self.runner
+        engine, timers, events = runner.engine, runner.timers, runner.events
+        if not engine.can_snapshot:
+            return False
+        t0 = time.perf_counter()
+        timeout = runner.config.shutdown_timeout_s * (1 if reason == "shutdown" else 5)
+        try:
+            for sink in (runner.predictions, runner.dead_letters):
+                if sink is not None:
+                    sink.flush(timeout_s=timeout)
+        except Exception as exc:
+            self.failures += 1
+            timers.sinks += time.perf_counter() - t0
+            events.after_checkpoint_failed(reason, exc)
+            return False
+        t1 = time.perf_counter()
+        timers.sinks += t1 - t0
+        self.last_mono = time.monotonic()
+        path = None
+        if runner.checkpoints is not None:
+            learner = engine.learner
+            assert learner is not None
+            try:
+                path = runner.checkpoints.save(
+                    learner.n_updates, engine.state_dict(),
+                    metadata={"command": "serve", "reason": reason, "time": time.time(),
+                              "learned_samples": engine.counters.learned_samples,
+                              "offsets": encode_offsets(engine.offsets)})
+            except CheckpointError as exc:
+                self.failures += 1
+                timers.checkpoint += time.perf_counter() - t1
+                events.after_checkpoint_failed(reason, exc)
+                return False
+            self.last_path, self.last_time = str(path), time.time()
+        seconds = time.perf_counter() - t1
+        timers.checkpoint += seconds
+        engine.mark_saved()
+        self.saved_offsets = dict(engine.offsets)
+        events.after_checkpoint(reason, self.last_path if path is not None else None, seconds,
+                                engine.counters.learned_samples, dict(engine.offsets))
+        return True
+
+
 # ---- the runner ---------------------------------------------------------------------------------
 class Runner:
     """Learn from ``source`` with ``engine``, checkpointing state and offsets together.
@@ -470,14 +535,10 @@ class Runner:
         self.lock = threading.RLock()
         self.timers = _Timers()
         self.commit_failures = 0
-        self.checkpoint_failures = 0
         self.error: Optional[BaseException] = None  # the permanent error that stopped the run
         self._stop = threading.Event()
         self._stop_reason = ""
-        self._saved_offsets: Offsets = dict(engine.offsets) if not engine.dirty else {}
-        self._last_ckpt_mono = time.monotonic()
-        self._last_ckpt_time: Optional[float] = None
-        self._last_ckpt_path: Optional[str] = None
+        self._checkpointer = _Checkpointer(self)
         self._feed: Optional[Union[_DirectFeed, _PrefetchFeed]] = None
         self._t0 = time.monotonic()
         self._first_data: Optional[float] = None
@@ -539,8 +600,9 @@ class Runner:
         """Checkpoint, then return the revoked partitions' checkpointed offsets for the source to commit."""
         with self.lock:
             if self.engine.dirty:
-                self._checkpoint("revoke")
-            out = {tp: self._saved_offsets[tp] for tp in partitions if tp in self._saved_offsets}
+                self._checkpointer.save("revoke")
+            saved = self._checkpointer.saved_offsets
+            out = {tp: saved[tp] for tp in partitions if tp in saved}
             self.engine.revoke(partitions)
             if self._feed is not None:
                 self._feed.drop(partitions)
@@ -628,9 +690,9 @@ class Runner:
             "records": c.records,
             "carry": engine.buffered,
             "batch_size": engine.batch_size,
-            "checkpoint": self._last_ckpt_path,
+            "checkpoint": self._checkpointer.last_path,
             "commit_failures": self.commit_failures,
-            "checkpoint_failures": self.checkpoint_failures,
+            "checkpoint_failures": self._checkpointer.failures,
             "stop_reason": self._stop_reason,
             "error": None if self.error is None else str(self.error),
             **self.timers.as_dict(),
@@ -768,68 +830,19 @@ class Runner:
 
     # ---- internals: checkpoints ---------------------------------------------------------------------
     def _maybe_checkpoint(self) -> None:
-        engine, config = self.engine, self.config
-        if not engine.dirty or not engine.can_snapshot:
-            return
-        due = (config.checkpoint_every_batches and engine.batches_since_saved >= config.checkpoint_every_batches) or (
-            config.checkpoint_every_seconds and time.monotonic() - self._last_ckpt_mono >= config.checkpoint_every_seconds)
-        if not due:
+        if not self._checkpointer.due():
             return
         with self.lock:
-            saved = self._checkpoint("periodic")
-            offsets = dict(engine.offsets)
+            saved = self._checkpointer.save("periodic")
+            offsets = dict(self.engine.offsets)
         if saved and self._feed is not None:
             self._feed.request_commit(offsets)  # the thread that owns the source commits, after the checkpoint
-
-    def _checkpoint(self, reason: str) -> bool:
-        """Flush the sinks, then save; True when the current offsets are safely checkpointed."""
-        engine = self.engine
-        if not engine.can_snapshot:
-            return False
-        t0 = time.perf_counter()
-        flush_s = self.config.shutdown_timeout_s if reason == "shutdown" else 5 * self.config.shutdown_timeout_s
-        try:
-            for sink in (self.predictions, self.dead_letters):
-                if sink is not None:
-                    sink.flush(timeout_s=flush_s)
-        except Exception as exc:
-            self.checkpoint_failures += 1
-            self.timers.sinks += time.perf_counter() - t0
-            self.events.after_checkpoint_failed(reason, exc)
-            return False
-        t1 = time.perf_counter()
-        self.timers.sinks += t1 - t0
-        self._last_ckpt_mono = time.monotonic()
-        path = None
-        if self.checkpoints is not None:
-            learner = engine.learner
-            assert learner is not None
-            try:
-                path = self.checkpoints.save(
-                    learner.n_updates, engine.state_dict(),
-                    metadata={"command": "serve", "reason": reason, "time": time.time(),
-                              "learned_samples": engine.counters.learned_samples,
-                              "offsets": encode_offsets(engine.offsets)})
-            except CheckpointError as exc:
-                self.checkpoint_failures += 1
-                self.timers.checkpoint += time.perf_counter() - t1
-                self.events.after_checkpoint_failed(reason, exc)
-                return False
-            self._last_ckpt_path = str(path)
-            self._last_ckpt_time = time.time()
-        seconds = time.perf_counter() - t1
-        self.timers.checkpoint += seconds
-        engine.mark_saved()
-        self._saved_offsets = dict(engine.offsets)
-        self.events.after_checkpoint(reason, None if path is None else str(path), seconds,
-                                     engine.counters.learned_samples, dict(engine.offsets))
-        return True
 
     def _shutdown(self) -> None:
         feed, timeout = self._feed, self.config.shutdown_timeout_s
         clean = feed is None or feed.stop(timeout)  # from here on this thread owns the source
         with self.lock:
-            saved = self._checkpoint("shutdown") if self.engine.dirty else True
+            saved = self._checkpointer.save("shutdown") if self.engine.dirty else True
             offsets = dict(self.engine.offsets)
         if not clean:  # its poll never returned: the client is unusable; leave it to the process exit
             self._fail(StreamError(f"the source's poll did not return within {timeout:g} s of the stop: "
@@ -864,7 +877,7 @@ class Runner:
             lag=lag, assigned=bool(self.source.assignment()),
             idle_s=now - self._last_record if self._had_assignment else 0.0,
             exhausted=self._feed.exhausted if self._feed is not None else False,
-            checkpoint_time=self._last_ckpt_time, timers=self.timers.as_dict(), health=self.source.health))
+            checkpoint_time=self._checkpointer.last_time, timers=self.timers.as_dict(), health=self.source.health))
 
 
 def encode_predictions(step: Step, topics: Sequence[str]) -> List[bytes]:
