@@ -133,6 +133,12 @@ _HINTS = (
 )
 
 
+def _describe(exc: BaseException) -> str:
+    """``"Name: message"`` once (kafka-python's errors already start with their class name)."""
+    text, name = str(exc), type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
 def as_stream_error(exc: BaseException, what: str) -> StreamError:
     """The `StreamError` for an exception a kafka-python call raised.
 
@@ -145,10 +151,10 @@ def as_stream_error(exc: BaseException, what: str) -> StreamError:
     if isinstance(exc, StreamError):
         return exc
     if isinstance(exc, (kerrors.IllegalStateError,)) or (isinstance(exc, kerrors.KafkaError) and exc.retriable):
-        return StreamError(f"{what}: {type(exc).__name__}: {exc}", transient=True)
+        return StreamError(f"{what}: {_describe(exc)}", transient=True)
     hint = next((text for kind, text in _HINTS if isinstance(exc, kind)), "")
     cause = exc.__cause__ if isinstance(exc, kerrors.KafkaError) and exc.__cause__ is not None else None
-    detail = f"{type(exc).__name__}: {exc}" + (f" (from {type(cause).__name__}: {cause})" if cause else "")
+    detail = _describe(exc) + (f" (from {_describe(cause)})" if cause else "")
     return StreamError(f"{what}: {detail}" + (f"; {hint}" if hint else ""), transient=False)
 
 
@@ -401,6 +407,14 @@ class KafkaSource(GroupSource):
             return self
         config = dict(self.consumer_config)
         config.setdefault("bootstrap_timeout_ms", self.bootstrap_timeout_ms)
+        try:
+            return self._open(config)
+        except (StreamError, ConfigError):
+            raise
+        except Exception as exc:  # e.g. a setting kafka-python does not know: say so, as one error
+            raise as_stream_error(exc, f"KafkaSource: opening `{self.bootstrap_servers}`") from exc
+
+    def _open(self, config: Dict[str, Any]) -> "KafkaSource":
         consumer = connect_with_retry(
             lambda: KafkaConsumer(
                 bootstrap_servers=self.bootstrap_servers,

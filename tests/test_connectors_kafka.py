@@ -284,3 +284,26 @@ def test_unreachable_broker_gives_a_clear_error_after_bounded_retries():
     assert time.monotonic() - start < 5
     with pytest.raises(AmstreamError, match=re.escape(f"KafkaProducer: cannot reach the Kafka broker at `{servers}` after 1 attempt(s)")):
         make_producer(servers, connect_attempts=1, bootstrap_timeout_ms=300)
+
+
+def test_kafka_errors_are_sorted_into_transient_and_permanent():
+    """kafka-python's own exception classes: what waiting can fix is transient, the rest stops serve."""
+    import kafka.errors as kerrors
+
+    from amstream.connectors.kafka import as_stream_error, parse_bootstrap_servers
+
+    transient = [kerrors.KafkaTimeoutError("no answer"), kerrors.NodeNotReadyError(1),
+                 kerrors.KafkaConnectionError("reset"), kerrors.NotLeaderForPartitionError(),
+                 kerrors.IllegalStateError("rebalancing")]
+    permanent = [kerrors.UnsupportedCodecError("Libraries for snappy compression codec not found"),
+                 kerrors.CorruptRecordError("failed crc check"), kerrors.TopicAuthorizationFailedError({"t"}),
+                 kerrors.GroupAuthorizationFailedError(), kerrors.SaslAuthenticationFailedError(),
+                 kerrors.UnsupportedVersionError(), ValueError("unpack requires a buffer of 8 bytes")]
+    assert all(as_stream_error(e, "reading").transient for e in transient)
+    assert not any(as_stream_error(e, "reading").transient for e in permanent)
+    msg = str(as_stream_error(permanent[0], "reading `t`"))
+    assert msg.startswith("reading `t`: UnsupportedCodecError: ") and "kafka-python[crc32c,lz4,snappy,zstd]" in msg
+    assert "grant it Read on the topic and the group" in str(as_stream_error(permanent[2], "reading"))
+    assert parse_bootstrap_servers(["a:1", "b"]) == [("a", 1), ("b", 9092)]
+    with pytest.raises(ConfigError, match=re.escape("bad bootstrap server `a:x` in `a:x`: the port must be 1-65535")):
+        parse_bootstrap_servers("a:x")

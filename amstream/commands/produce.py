@@ -5,11 +5,15 @@ Each sample becomes one message (JSON ``{"x": [...], "y": 3}`` or the binary cod
 ``SPLIT-ROW`` (the row in the dataset's split), so the default partitioner spreads rows over
 partitions by key.
 
+The broker is ``localhost:9092`` unless ``--bootstrap-servers`` says otherwise (the same place
+``amstream serve`` reads by default).
+
 Examples::
 
-    amstream produce --dataset mnist --topic samples --bootstrap-servers localhost:9092 --codec binary
+    amstream produce --dataset mnist --topic samples --codec binary
     amstream produce --dataset covertype --limit 100000 --standardize --topic cov --partitions 4 \\
-        --bootstrap-servers localhost:9092 --codec binary --samples-per-message 32 --rate 20000
+        --bootstrap-servers kafka:9092 --codec binary --samples-per-message 32 --rate 20000 \\
+        --producer-config compression_type=zstd
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="dataset name (see `amstream datasets`) or a .csv/.npz path")
     p.add_argument("--topic", required=True)
-    p.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT")
+    p.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT",
+                   help="Kafka brokers (default localhost:9092)")
     p.add_argument("--split", default="train", choices=("train", "test", "all"),
                    help="which rows (all: train then test)")
     p.add_argument("--limit", type=int, default=None, help="produce only the first N samples (after shuffling)")

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--topic", action="append", default=[], metavar="NAME",
                    help="Kafka topic to learn from (repeatable, or comma-separated)")
-    g.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT")
+    g.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT",
+                   help="Kafka brokers (default localhost:9092)")
     g.add_argument("--group-id", default="amstream", help="consumer group (default amstream)")
     g.add_argument("--source", default=None, metavar="PATH",
                    help="learn from a .csv/.tsv/.jsonl/.npz file instead of Kafka")
