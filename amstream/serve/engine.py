@@ -364,7 +364,7 @@ class StreamModel:
     ) -> None:
         if learner is None and build is None:
             raise ConfigError("give a `learner`, or `build` to make one once the feature count is known")
-        if learner is not None and codec is None and build is None:
+        if learner is not None and codec is None:
             raise ConfigError("a given `learner` needs its `codec` (its feature count fixes the codec's)")
         self.build = build
         self.codec_name = codec_name
@@ -385,8 +385,9 @@ class StreamModel:
         if codec.n_features != learner.n_inputs:
             raise ConfigError(f"the codec expects `{codec.n_features}` features, the learner `{learner.n_inputs}`")
         if learner.config.loss == "ce":
-            cap = codec.n_classes
-            if cap is None or (cap != learner.n_outputs if not self.grow_classes else cap < learner.n_outputs):
+            cap = codec.n_classes  # the class count, or with grow_classes the largest it may grow to
+            fits = cap is not None and (cap >= learner.n_outputs if self.grow_classes else cap == learner.n_outputs)
+            if not fits:
                 raise ConfigError(f"the codec expects `{cap}` classes, the learner `{learner.n_outputs}`")
         self.learner, self.codec = learner, codec
 

@@ -203,7 +203,7 @@ class _Feed:
         self.halt = threading.Event()  # stop polling (set by the runner's stop, or at shutdown)
         self.poll_started: Optional[float] = None  # monotonic start of the poll in progress
         self._backoff = Backoff(runner.config.retry_initial_s, max(runner.config.retry_initial_s,
-                                                                     runner.config.retry_max_s))  # per poll
+                                                                     runner.config.retry_max_s))
 
     def poll(self, max_records: int) -> List[_Item]:
         runner, source = self.runner, self.source
@@ -257,8 +257,6 @@ class _Feed:
 class _DirectFeed(_Feed):
     """Polls on the runner's own thread (files; Kafka with ``prefetch=False``)."""
 
-    threaded = False
-
     def start(self) -> None:
         pass
 
@@ -295,8 +293,6 @@ class _PrefetchFeed(_Feed):
     keeps one fetch in flight and sends the next only when a poll drains the last one). The runner
     takes items about two minibatches ahead of learning: what is taken but not learned goes into
     each checkpoint's carry, which should stay small."""
-
-    threaded = True
 
     def __init__(self, runner: "Runner") -> None:
         super().__init__(runner)
