@@ -252,10 +252,12 @@ def connect_with_retry(
     then this raises a transient `StreamError` naming the servers, the attempts and the time spent.
     """
     start = time.monotonic()
+    reached = []  # attempts whose TCP probe got through (the Kafka handshake failed after it)
 
     def attempt() -> Any:
         if probe_timeout_s is not None:
             _wait_for_tcp(bootstrap_servers, probe_timeout_s, stop)
+            reached.append(True)
         return factory()
 
     def on_retry(exc: BaseException, n: int, delay: float) -> None:
@@ -266,9 +268,12 @@ def connect_with_retry(
         return retry(attempt, transient=_BOOTSTRAP_ERRORS, attempts=attempts, stop=stop,
                      backoff=Backoff(backoff_s, max(backoff_s, max_backoff_s)), on_retry=on_retry)
     except _BOOTSTRAP_ERRORS as exc:
+        hint = ("; it accepts TCP connections but drops the Kafka handshake: a broker still starting, or "
+                "one that needs TLS or SASL (set `security_protocol`, `sasl_mechanism`, ... in the client's "
+                "config)") if reached else ""
         raise StreamError(
             f"{what}: cannot reach the Kafka broker at `{bootstrap_servers}` after {attempts} "
-            f"attempt(s) in {time.monotonic() - start:.1f} s: {exc}", transient=True
+            f"attempt(s) in {time.monotonic() - start:.1f} s: {exc}{hint}", transient=True
         ) from exc
 
 

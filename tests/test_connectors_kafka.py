@@ -17,7 +17,7 @@ from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import BinaryCodec, JsonCodec
 from amstream.connectors.kafka import DeadLetterSink, KafkaSource, make_producer, produce_samples
 from amstream.connectors.records import Record
-from amstream.exceptions import AmstreamError, ConfigError, OffsetError
+from amstream.exceptions import AmstreamError, ConfigError, OffsetError, StreamError
 
 pytestmark = pytest.mark.kafka
 
@@ -307,3 +307,14 @@ def test_kafka_errors_are_sorted_into_transient_and_permanent():
     assert parse_bootstrap_servers(["a:1", "b"]) == [("a", 1), ("b", 9092)]
     with pytest.raises(ConfigError, match=re.escape("bad bootstrap server `a:x` in `a:x`: the port must be 1-65535")):
         parse_bootstrap_servers("a:x")
+
+
+def test_a_broker_that_requires_authentication_is_named_as_such(tansu):
+    """Tansu with `--authentication` drops an unauthenticated client's connection: the error says
+    the broker answers TCP but not the Kafka handshake (kept transient: it may be starting)."""
+    with EmbeddedBroker(extra_args=["--authentication"]) as b:
+        source = KafkaSource(["t"], bootstrap_servers=b.bootstrap_servers, group_id="g", connect_attempts=1,
+                             bootstrap_timeout_ms=1500)
+        with pytest.raises(StreamError, match="accepts TCP connections but drops the Kafka handshake") as err:
+            source.open()
+        assert err.value.transient
