@@ -221,3 +221,27 @@ def test_prefetching_thread_on_a_file_gives_the_same_model(tmp_path):
     summary = runner_for(source, learner, prefetch=True).run()
     assert summary["learned_samples"] == N and summary["stop_reason"] == "end of input"
     assert_same_model(learner, reference_model(X, Y))
+
+
+def test_a_file_without_sizes_grows_its_classes_and_resumes_exactly(tmp_path, capsys):
+    """No `--n-classes`: the output layer grows as labels appear, the checkpoint records it, and a run
+    cut in two ends with the model of one uninterrupted run."""
+    y = Y.copy()
+    y[400:] = 5  # a new class late in the stream
+    path = write(tmp_path / "grow.csv", "csv", X, y)
+    base = ["serve", "--source", str(path), "--arch", "16", "--batch-size", str(B), "--log-every", "0", "--json",
+            "--checkpoint-every-batches", "4"]
+    assert main(base + ["--checkpoint-dir", str(tmp_path / "whole")]) == 0
+    whole = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert whole["learned_samples"] == N and whole["n_classes"] == 6 and whole["arch"] == f"{D}-16-6"
+    assert main(base + ["--checkpoint-dir", str(tmp_path / "cut"), "--max-samples", "300"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert first["n_classes"] == 3
+    _, state, _ = load_serve_checkpoint(tmp_path / "cut")
+    assert state["sizes"] == {"n_features": D, "n_classes": 1000, "grow_classes": True}
+    assert main(base + ["--checkpoint-dir", str(tmp_path / "cut")]) == 0
+    second = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert second["learned_samples"] == N and second["key_checksum"] == whole["key_checksum"]
+    a, _, _ = load_serve_checkpoint(tmp_path / "whole")
+    b, _, _ = load_serve_checkpoint(tmp_path / "cut")
+    assert_same_model(a, b)

@@ -201,14 +201,12 @@ def test_partitions_assigned_revoked_and_rewound():
     engine.ingest(records(codec.encode_many(X[:10], Y3[:10]), partition=0)
                   + records(codec.encode_many(X[10:20], Y3[10:20]), partition=1))
     assert engine.assign([("s", 0), ("s", 2)]) == {("s", 0): 10}
-    assert engine.assign([("s", 2)], absent="earliest") == {("s", 2): 0}
+    assert engine.assign([("s", 2)], absent_at_zero=True) == {("s", 2): 0}
     engine.revoke([("s", 1)])
     assert engine.assign([("s", 0)]) == {("s", 0): 10} and ("s", 1) not in engine.offsets  # another member has it
     assert engine.buffered == 20  # samples of a revoked partition already taken stay and are learned
     engine.rewind(("s", 0), 3)
     assert engine.offsets[("s", 0)] == 3 and engine.has_taken({("s", 0): 3}) and not engine.has_taken({("s", 0): 4})
-    with pytest.raises(ConfigError, match=re.escape("`absent` must be `committed` or `earliest`, got `latest`")):
-        engine.assign([("s", 0)], absent="latest")
 
 
 def test_state_checks():

@@ -495,18 +495,16 @@ class Engine:
         return all(self.offsets.get(tp, off) == off for tp, off in delivered.items())
 
     # ---- partitions -----------------------------------------------------------------------------
-    def assign(self, partitions: Sequence[TopicPartition], *, absent: str = "committed") -> Offsets:
+    def assign(self, partitions: Sequence[TopicPartition], *, absent_at_zero: bool = False) -> Offsets:
         """Offsets to start newly assigned ``partitions`` at: this state's, where it has them, and
-        with ``absent="earliest"`` 0 for the others (``"committed"``: the others start wherever
-        the source's group committed). Partitions revoked since the last call and not assigned
-        again are forgotten here: another member owns their offsets now."""
-        if absent not in ("committed", "earliest"):
-            raise ConfigError(f"`absent` must be `committed` or `earliest`, got `{absent}`")
+        with ``absent_at_zero`` 0 for the others (else the others start wherever the source puts
+        them). Partitions revoked since the last call and not assigned again are forgotten here:
+        another reader owns their offsets now."""
         for tp in self._revoked - set(partitions):
             self.offsets.pop(tp, None)
         self._revoked.clear()
         seek = {tp: self.offsets[tp] for tp in partitions if tp in self.offsets}
-        if absent == "earliest":
+        if absent_at_zero:
             seek.update({tp: 0 for tp in partitions if tp not in self.offsets})
         return seek
 

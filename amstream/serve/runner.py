@@ -587,7 +587,7 @@ class Runner:
         """Offsets to start newly assigned ``partitions`` at (see `Engine.assign`)."""
         with self.lock:
             absent_policy = self.config.absent_partitions
-            seek = self.engine.assign(partitions, absent=absent_policy)
+            seek = self.engine.assign(partitions, absent_at_zero=absent_policy == "earliest")
             absent = [tp for tp in partitions if tp not in self.engine.offsets]
         self.events.after_assign(list(partitions), seek, absent, absent_policy)
         return seek
