@@ -20,7 +20,7 @@ from amstream import AMConfig, make_learner
 from amstream.cli import main
 from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import BinaryCodec, JsonCodec
-from amstream.serve import key_checksum, load_serve_checkpoint
+from amstream.serve import key_checksum
 from serve_child import FAST_GROUP, Serve, learned_in
 
 pytestmark = pytest.mark.kafka

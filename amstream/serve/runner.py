@@ -62,7 +62,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -502,7 +502,8 @@ class Runner:
     dead_letters
         A `DeadLetterSink` for rejected records.
     events
-        Told what happens (`RunnerEvents`, e.g. `amstream.serve.telemetry.Telemetry`).
+        Told what happens (`RunnerEvents`, e.g. `amstream.serve.telemetry.Telemetry`); it also
+        becomes the engine's listener, so one object hears both.
     """
 
     def __init__(
