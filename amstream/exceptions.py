@@ -9,6 +9,7 @@ __all__ = [
     "OffsetError",
     "OffsetRewindError",
     "DecodeError",
+    "StreamError",
 ]
 
 
@@ -35,7 +36,7 @@ class OffsetError(AmstreamError, ValueError):
 class OffsetRewindError(OffsetError):
     """A partition restarted below the next offset already handed out, without a seek.
 
-    Raised by `KafkaSource.poll_batch` when the consumer reset a partition (for instance
+    Raised by `KafkaSource.next_batch` when the consumer reset a partition (for instance
     after ``OffsetOutOfRange`` because the broker lost its data). Attributes: ``partition``
     (``(topic, partition)``), ``offset`` (where it restarted), ``expected`` (the next offset
     that was due).
@@ -56,3 +57,25 @@ class OffsetRewindError(OffsetError):
 
 class DecodeError(AmstreamError, ValueError):
     """A message could not be decoded into a valid sample; the message says why."""
+
+
+class StreamError(AmstreamError):
+    """A source or sink failed to read or write.
+
+    ``transient`` says whether trying again later can help: True for a broker that cannot be
+    reached (serve keeps retrying with backoff), False for an error no retry fixes (records in a
+    compression codec this machine cannot decode, a corrupt record batch, a refused
+    authorization, a topic that does not exist while auto-create is off): serve checkpoints
+    what it learned and exits with this message.
+    """
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = bool(transient)
+
+    def __reduce__(self):
+        return (_stream_error, (str(self), self.transient))
+
+
+def _stream_error(message: str, transient: bool) -> StreamError:
+    return StreamError(message, transient=transient)

@@ -88,7 +88,7 @@ def consume(
     with source:
         first: List[Any] = []
         while not source.assignment():  # the group join happens inside these polls
-            first += source.poll_batch(max_records=1, timeout_ms=100)
+            first += source.next_batch(max_records=1, timeout_ms=100)
         t_first, cpu, broker_cpu = time.perf_counter(), time.process_time(), _cpu_seconds(BROKER_PID)
         batch = first
         while True:
@@ -101,7 +101,7 @@ def consume(
                 source.commit()
             if got >= n:
                 break
-            batch = source.poll_batch(max_records=max_records, timeout_ms=1000)
+            batch = source.next_batch(max_records=max_records, timeout_ms=1000)
             if not batch and time.perf_counter() - t_first > 600:
                 raise RuntimeError(f"only {got} of {n} records after 600 s")
         t_end, cpu, broker_cpu = time.perf_counter(), time.process_time() - cpu, _cpu_seconds(BROKER_PID) - broker_cpu
@@ -131,7 +131,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-message", type=int, default=1, help="binary only: pack samples")
     parser.add_argument("--bootstrap-servers", default=None, help="default: start the embedded broker")
-    parser.add_argument("--max-records", type=int, default=5000, help="max_records per poll_batch")
+    parser.add_argument("--max-records", type=int, default=5000, help="max_records per next_batch")
     parser.add_argument("--commit-every", type=int, default=10, help="commit every N polls when decoding")
     parser.add_argument("--consumer-config", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--producer-config", nargs="*", default=[], metavar="KEY=VALUE")

@@ -113,6 +113,7 @@ __all__ = [
     "REASONS",
     "Rejection",
     "Sample",
+    "codec_from_first_valid",
     "encode_binary_rows",
     "make_codec",
 ]
@@ -291,6 +292,12 @@ class Codec:
     def decode_records(self, records: Sequence[Any]) -> DecodedBatch:
         """`decode_many` of ``[r.value for r in records]`` with their keys."""
         return self.decode_many([r.value for r in records], [r.key for r in records])
+
+    @classmethod
+    def sniff_n_features(cls, value: Value) -> Optional[int]:
+        """The feature count a message of this format claims (None: it does not say, or it is
+        not of this format). A claim, not a verdict: decode to validate."""
+        return None
 
     # ---- helpers for subclasses -----------------------------------------------------------------
     def _decode(
@@ -544,6 +551,16 @@ class JsonCodec(Codec):
             cand_keys.append(key)
         return self._finish_python_rows(n, cand_index, cand_rows, cand_labels, cand_keys, rejections)
 
+    @classmethod
+    def sniff_n_features(cls, value: Value) -> Optional[int]:
+        """``len(x)`` of a JSON object with an ``x`` list."""
+        try:
+            obj = json.loads(bytes(value))
+        except (ValueError, RecursionError):
+            return None
+        x = obj.get("x") if type(obj) is dict else None
+        return len(x) if type(x) is list and x else None
+
 
 # ================================================================================================
 class BinaryCodec(Codec):
@@ -606,6 +623,16 @@ class BinaryCodec(Codec):
         labels = self._labels_for_encoding(y, X.shape[0])
         kind = KIND_NONE if labels is None else (KIND_CLASS if self.n_classes is not None else KIND_REAL)
         return _encode_binary(X, labels, kind, samples_per_message)
+
+    @classmethod
+    def sniff_n_features(cls, value: Value) -> Optional[int]:
+        """The header's feature count, when the header is valid and the length fits it."""
+        if len(value) < HEADER_SIZE:
+            return None
+        magic, version, _, reserved, n, _ = _HEADER.unpack_from(value)
+        if cls._header_reason(magic, version, reserved) or n < 1 or len(value) % (HEADER_SIZE + 4 * n):
+            return None
+        return int(n)
 
     def _slow_reason(self, v: Value) -> Rejection:
         """The reason for a message whose length is not a multiple of `message_size`."""
@@ -920,6 +947,10 @@ class AutoCodec(Codec):
     ) -> List[bytes]:
         return self.binary.encode_many(X, y, keys=keys, samples_per_message=samples_per_message)
 
+    @classmethod
+    def sniff_n_features(cls, value: Value) -> Optional[int]:
+        return (BinaryCodec if value[:3] == MAGIC else JsonCodec).sniff_n_features(value)
+
     def _decode(
         self, values: Sequence[Value], keys: Optional[Sequence[Optional[bytes]]]
     ) -> DecodedBatch:
@@ -957,10 +988,35 @@ CODECS: Dict[str, Type[Codec]] = {
 }
 
 
-def make_codec(name: str, n_features: int, n_classes: Optional[int] = None, **kwargs: Any) -> Codec:
-    """Build a codec by name (``json``, ``binary``, ``csv``, ``auto``)."""
+def _codec_class(name: str) -> Type[Codec]:
     try:
-        cls = CODECS[name]
+        return CODECS[name]
     except KeyError:
         raise ConfigError(f"unknown codec `{name}`; choose one of `{', '.join(CODECS)}`") from None
-    return cls(n_features, n_classes, **kwargs)
+
+
+def make_codec(name: str, n_features: int, n_classes: Optional[int] = None, **kwargs: Any) -> Codec:
+    """Build a codec by name (``json``, ``binary``, ``csv``, ``auto``)."""
+    return _codec_class(name)(n_features, n_classes, **kwargs)
+
+
+def codec_from_first_valid(values: Sequence[Value], name: str, n_classes: Optional[int] = None,
+                           **kwargs: Any) -> Optional[Codec]:
+    """The codec sized by the first message that decodes to a valid sample, or None.
+
+    For streams whose feature count is not given: each message's claimed size
+    (`Codec.sniff_n_features`) is tried until one message is accepted by a codec of that size.
+
+    >>> codec = codec_from_first_valid([b"junk", b'{"x": [1, "a"], "y": 0}', b'{"x": [1, 2, 3], "y": 1}'],
+    ...                                "auto", n_classes=10)
+    >>> codec.n_features, codec.n_classes
+    (3, 10)
+    """
+    cls = _codec_class(name)
+    for value in values:
+        n = cls.sniff_n_features(value)
+        if n is not None:
+            codec = cls(n, n_classes, **kwargs)
+            if len(codec.decode_many([value])):
+                return codec
+    return None

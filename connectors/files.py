@@ -13,7 +13,7 @@ messages from Kafka:
   (`BinaryCodec`), its label kind taken from ``y``'s dtype.
 
 Blank lines are skipped but keep their row index. Files are read lazily, line by line (NPZ is
-loaded whole). Nothing is opened until the first `poll_batch`, `seek`, or `codec` access.
+loaded whole). Nothing is opened until the first `next_batch`, `seek`, or `codec` access.
 
 Examples
 --------
@@ -21,13 +21,13 @@ Examples
 >>> path = os.path.join(tempfile.mkdtemp(), "tiny.csv")
 >>> _ = open(path, "w").write("a,b,label\\n0.5,1.0,1\\n0.25,x,0\\n2,3,1\\n")
 >>> src = FileSource(path, n_classes=2)
->>> records = src.poll_batch(max_records=10)
+>>> records = src.next_batch(max_records=10)
 >>> [r.offset for r in records], src.snapshot()
 ([0, 1, 2], {('tiny.csv', 0): 3})
 >>> batch = src.codec.decode_records(records)
 >>> batch.y.tolist(), [(r.index, r.reason) for r in batch.rejections]
 ([1, 1], [(1, 'non_numeric')])
->>> src.seek({("tiny.csv", 0): 2}); [r.offset for r in src.poll_batch()]
+>>> src.seek({("tiny.csv", 0): 2}); [r.offset for r in src.next_batch()]
 [2]
 >>> src.close()
 """
@@ -49,6 +49,7 @@ from amstream.connectors.codec import (
     JsonCodec,
     encode_binary_rows,
 )
+from amstream.connectors.base import FixedPartitionSource
 from amstream.connectors.records import (
     Offsets,
     OffsetTracker,
@@ -74,7 +75,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class FileSource:
+class FileSource(FixedPartitionSource):
     """Rows of a CSV / JSONL / NPZ file as records with row-index offsets.
 
     Parameters
@@ -275,7 +276,7 @@ class FileSource:
         assert self._codec is not None
         return self._codec
 
-    def poll_batch(self, max_records: int = 500, timeout_ms: int = 0) -> List[Record]:
+    def next_batch(self, max_records: int = 500, timeout_ms: int = 0) -> List[Record]:
         """The next up to ``max_records`` rows as records; ``[]`` at the end of the file.
         ``timeout_ms`` is accepted for symmetry with `KafkaSource` and ignored."""
         if not isinstance(max_records, int) or max_records < 1:
@@ -315,7 +316,7 @@ class FileSource:
 
     @property
     def exhausted(self) -> bool:
-        """True once a `poll_batch` reached the end of the file."""
+        """True once a `next_batch` reached the end of the file."""
         return self._eof
 
     def seek(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -347,7 +348,8 @@ class FileSource:
         """``{(topic, 0): next row}``."""
         return {self._tp: self._row}
 
-    def commit(self, offsets: Optional[Mapping[TopicPartition, int]] = None) -> bool:
+    def commit(self, offsets: Optional[Mapping[TopicPartition, int]] = None, *,
+               timeout_s: Optional[float] = None) -> bool:
         """Files have no group to commit to: only checks that commits do not go backwards."""
         offsets = self.snapshot() if offsets is None else check_offsets(offsets)
         self._tracker.check_commit(offsets)
@@ -375,15 +377,9 @@ class FileSource:
         """Rows left to read."""
         return {self._tp: max(0, self.n_rows() - self._row)}
 
-    def close(self) -> None:
+    def close(self, *, timeout_s: Optional[float] = None) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
         self._opened = False
         self._X = self._y = None
-
-    def __enter__(self) -> "FileSource":
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

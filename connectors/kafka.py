@@ -1,9 +1,9 @@
 """Kafka source and sinks over kafka-python 3.x.
 
-`KafkaSource` reads records in a consumer group with auto-commit off; the caller commits the
-offsets it has checkpointed. `KafkaSink` writes messages (predictions); `DeadLetterSink` writes
-rejected records with their reason in headers. `make_producer` / `produce_samples` serve
-``amstream produce``.
+`KafkaSource` (a `GroupSource`) reads records in a consumer group with auto-commit off; the
+caller commits the offsets it has checkpointed. `KafkaSink` (a `Sink`) writes messages
+(predictions); `DeadLetterSink` writes rejected records with their reason in headers.
+`make_producer` / `produce_samples` serve ``amstream produce``.
 
 Offsets are always the **next** offset to read (see `amstream.connectors.records`).
 
@@ -12,29 +12,33 @@ The loop a service runs on top (the order matters: quix-streams' ``Checkpoint.co
     source = KafkaSource(["samples"], bootstrap_servers=..., group_id="amstream",
                          on_assign=load_offsets_from_checkpoint, on_revoke=checkpoint_now)
     while running:
-        records = source.poll_batch(max_records=512, timeout_ms=500)
+        records = source.next_batch(max_records=512, timeout_ms=500)
         batch = codec.decode_records(records)        # accepted samples + rejections
         dead_letters.write_rejections(records, batch.rejections)
-        ... predict, learn, predictions.write_many(...) ...
+        ... predict, learn, predictions.write_batch(...) ...
         every N batches:
             predictions.flush(); dead_letters.flush()  # sinks first
             offsets = source.snapshot()               # next offsets of everything handed out
             write checkpoint {state, offsets}         # atomically
             source.commit(offsets)                    # then commit; a failed commit only logs
 
-Rebalances: the hooks run inside ``poll_batch`` (on kafka-python's I/O thread, while the caller
-waits in ``poll_batch``), so they see the caller's state at a batch boundary.
+Rebalances: the hooks run inside ``next_batch`` (on kafka-python's I/O thread, while the caller
+waits in ``next_batch``), so they see the caller's state at a batch boundary.
 
 * ``on_revoke(partitions) -> offsets or None``: called before ``partitions`` go to another
   member (and on `close`). Checkpoint there and *return* the offsets to commit; the source commits
   them before giving the partitions up. ``source.snapshot()`` and ``assignment()`` are fine in a
-  hook; blocking calls (``commit``, ``committed``, ``poll_batch``) are not: kafka-python cannot
+  hook; blocking calls (``commit``, ``committed``, ``next_batch``) are not: kafka-python cannot
   block on its own I/O thread. Records of revoked partitions not yet returned are dropped, so
-  the batch ``poll_batch`` returns never mixes in partitions this member no longer owns.
+  the batch ``next_batch`` returns never mixes in partitions this member no longer owns.
 * ``on_assign(partitions) -> offsets or None``: called with newly assigned partitions; return the
   offsets to start from (e.g. those of the newest checkpoint). Partitions not in the returned dict
   start at the group's committed offset, or at the beginning when it has none.
 * Partitions *lost* (the member was evicted) go to ``on_revoke`` too, but nothing is committed.
+
+Errors: `next_batch` raises `StreamError` (see `as_stream_error`): ``transient`` for what waiting
+can fix (a broker that is down), permanent for the rest (a codec library missing, a corrupt batch,
+a refused authorization, a missing topic while ``allow_auto_create_topics=False``).
 
 Kafka-side quirks of the embedded broker (Tansu) are listed in `amstream.connectors.broker`.
 """
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -54,7 +59,9 @@ from amstream.connectors.records import (
     TopicPartition,
     check_offsets,
 )
-from amstream.exceptions import AmstreamError, ConfigError, OffsetError, OffsetRewindError
+from amstream.connectors.base import AssignHook, GroupSource, RevokeHook, Sink
+from amstream.exceptions import ConfigError, OffsetError, OffsetRewindError, StreamError
+from amstream.retry import Backoff, retry
 
 with warnings.catch_warnings():
     # kafka-python 3.0.12 loads its protocol schemas with importlib.resources' deprecated
@@ -76,13 +83,13 @@ __all__ = [
     "connect_with_retry",
     "create_topic",
     "make_producer",
+    "parse_bootstrap_servers",
+    "probe_brokers",
     "produce_samples",
 ]
 
 log = logging.getLogger(__name__)
 
-AssignHook = Callable[[List[TopicPartition]], Optional[Mapping[TopicPartition, int]]]
-RevokeHook = Callable[[List[TopicPartition]], Optional[Mapping[TopicPartition, int]]]
 
 CONSUMER_DEFAULTS: Dict[str, Any] = {
     "enable_auto_commit": False,  # the service commits what it has checkpointed
@@ -115,6 +122,42 @@ _COMMIT_ERRORS = (
     kerrors.KafkaTimeoutError,
 )
 
+_HINTS = (
+    (kerrors.UnsupportedCodecError,
+     "the records are compressed with a codec whose library is missing here; amstream depends on "
+     "kafka-python's codec extras: `pip install 'kafka-python[crc32c,lz4,snappy,zstd]'`"),
+    (kerrors.CorruptRecordError, "a record batch is corrupt (failed its CRC check): the partition cannot be "
+                                 "read past it"),
+    (kerrors.AuthorizationError, "the broker refused this client: grant it Read on the topic and the group"),
+    (kerrors.UnsupportedVersionError, "the broker does not speak a protocol version this client needs"),
+)
+
+
+def _describe(exc: BaseException) -> str:
+    """``"Name: message"`` once (kafka-python's errors already start with their class name)."""
+    text, name = str(exc), type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+def as_stream_error(exc: BaseException, what: str) -> StreamError:
+    """The `StreamError` for an exception a kafka-python call raised.
+
+    Retriable Kafka errors (timeouts, a node not ready, a leader moving, a rebalance) are
+    transient, and so is ``IllegalStateError`` (a rebalance race). Everything else is permanent:
+    kafka-python cannot get past a record batch it failed to unpack (a codec library missing, a
+    failed CRC, a corrupt batch; kafka-python 3.0.12's next ``poll()`` then spins on that batch
+    forever), and authorization, version or configuration errors do not change by waiting.
+    """
+    if isinstance(exc, StreamError):
+        return exc
+    if isinstance(exc, (kerrors.IllegalStateError,)) or (isinstance(exc, kerrors.KafkaError) and exc.retriable):
+        return StreamError(f"{what}: {_describe(exc)}", transient=True)
+    hint = next((text for kind, text in _HINTS if isinstance(exc, kind)), "")
+    cause = exc.__cause__ if isinstance(exc, kerrors.KafkaError) and exc.__cause__ is not None else None
+    detail = _describe(exc) + (f" (from {_describe(cause)})" if cause else "")
+    return StreamError(f"{what}: {detail}" + (f"; {hint}" if hint else ""), transient=False)
+
+
 
 def _tp(t: KafkaTopicPartition) -> TopicPartition:
     return (t.topic, t.partition)
@@ -124,42 +167,69 @@ def _ktp(tp: TopicPartition) -> KafkaTopicPartition:
     return KafkaTopicPartition(tp[0], tp[1])
 
 
-def _servers(bootstrap_servers: str | Sequence[str]) -> List[tuple[str, int]]:
+def parse_bootstrap_servers(bootstrap_servers: str | Sequence[str]) -> List[tuple[str, int]]:
+    """``"a:9092,b"`` or ``["a:9092", "b"]`` -> ``[("a", 9092), ("b", 9092)]`` (port 9092 when
+    absent; a ``scheme://`` prefix and IPv6 brackets are dropped).
+
+    >>> parse_bootstrap_servers("PLAINTEXT://[::1]:9093, localhost")
+    [('::1', 9093), ('localhost', 9092)]
+    """
     items = [bootstrap_servers] if isinstance(bootstrap_servers, str) else list(bootstrap_servers)
     out = []
     for item in items:
         for server in str(item).split(","):
             server = server.strip()
+            if not server:
+                continue
             if "://" in server:
                 server = server.split("://", 1)[1]
             host, sep, port = server.rpartition(":")
-            if not sep or not port.isdigit():
-                host, port = server, "9092"
-            out.append((host.strip("[]"), int(port)))
+            if not sep or "]" in port or (not host.endswith("]") and ":" in host):
+                host, port = server, "9092"  # no port (or a bare IPv6 address)
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"bad bootstrap server `{server}` in `{bootstrap_servers}`: the port must be 1-65535")
+            out.append((host.strip("[]") or "localhost", int(port)))
+    if not out:
+        raise ConfigError(f"no bootstrap server in `{bootstrap_servers!r}`")
     return out
 
 
-def _wait_for_tcp(bootstrap_servers: str | Sequence[str], timeout_s: float) -> None:
+def _connect_any(servers: List[tuple[str, int]], timeout_s: float) -> None:
+    """One TCP connection to the first server that accepts; OSError naming each failure otherwise."""
+    errors = []
+    for host, port in servers:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            errors.append(f"{host}:{port}: {exc}")
+    raise ConnectionError("; ".join(errors))
+
+
+def probe_brokers(bootstrap_servers: str | Sequence[str]) -> Optional[str]:
+    """None when a bootstrap server accepts a TCP connection within a second, else what failed."""
+    try:
+        _connect_any(parse_bootstrap_servers(bootstrap_servers), 1.0)
+        return None
+    except OSError as exc:
+        return f"Kafka broker unreachable ({exc})"
+
+
+def _wait_for_tcp(bootstrap_servers: str | Sequence[str], timeout_s: float,
+                  stop: Optional[threading.Event] = None) -> None:
     """Until one bootstrap server accepts a TCP connection; ``KafkaTimeoutError`` after ``timeout_s``.
 
     Probing before building a client matters: a ``KafkaConsumer`` whose bootstrap fails in
     its constructor leaves its I/O thread running (kafka-python 3.0.12), one per retry.
     """
-    deadline = time.monotonic() + timeout_s
-    servers = _servers(bootstrap_servers)
-    while True:
-        for host, port in servers:
-            left = deadline - time.monotonic()
-            try:
-                socket.create_connection((host, port), timeout=max(0.05, min(1.0, left))).close()
-                return
-            except OSError as exc:
-                last = exc
-        if time.monotonic() >= deadline:
-            raise kerrors.KafkaTimeoutError(
-                f"Unable to bootstrap from {bootstrap_servers} (no TCP connection: {last})"
-            )
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    servers = parse_bootstrap_servers(bootstrap_servers)
+    try:
+        retry(lambda: _connect_any(servers, min(1.0, max(0.05, timeout_s))), transient=OSError,
+              backoff=Backoff(0.05, 0.2), timeout_s=timeout_s, stop=stop)
+    except OSError as exc:
+        raise kerrors.KafkaTimeoutError(
+            f"Unable to bootstrap from {bootstrap_servers} (no TCP connection: {exc})"
+        ) from None
 
 
 def connect_with_retry(
@@ -171,37 +241,40 @@ def connect_with_retry(
     backoff_s: float = 0.5,
     max_backoff_s: float = 10.0,
     probe_timeout_s: Optional[float] = 10.0,
+    stop: Optional[threading.Event] = None,
 ) -> Any:
     """Call ``factory()`` (which builds a kafka-python client) once the broker answers.
 
     Each attempt first waits up to ``probe_timeout_s`` for a bootstrap server to accept a TCP
     connection (``None``: no probe), then calls ``factory()``; kafka-python 3.x itself raises
     ``KafkaTimeoutError("Unable to bootstrap ...")`` after the client's ``bootstrap_timeout_ms``.
-    Failed attempts are retried ``attempts`` times in all, with exponential backoff; then this
-    raises `AmstreamError` naming the servers, the attempts and the time spent.
+    Failed attempts are retried ``attempts`` times in all, with exponential backoff (`retry`);
+    then this raises a transient `StreamError` naming the servers, the attempts and the time spent.
     """
-    if attempts < 1:
-        raise ConfigError(f"`attempts` must be >= 1, got `{attempts!r}`")
     start = time.monotonic()
-    delay = backoff_s
-    for attempt in range(1, attempts + 1):
-        try:
-            if probe_timeout_s is not None:
-                _wait_for_tcp(bootstrap_servers, probe_timeout_s)
-            return factory()
-        except _BOOTSTRAP_ERRORS as exc:
-            last: Exception = exc
-            if attempt < attempts:
-                log.warning(
-                    "%s: Kafka broker `%s` unreachable (attempt %d of %d: %s); retrying in %.1f s",
-                    what, bootstrap_servers, attempt, attempts, exc, delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, max_backoff_s)
-    raise AmstreamError(
-        f"{what}: cannot reach the Kafka broker at `{bootstrap_servers}` after {attempts} "
-        f"attempt(s) in {time.monotonic() - start:.1f} s: {last}"
-    ) from last
+    reached = []  # attempts whose TCP probe got through (the Kafka handshake failed after it)
+
+    def attempt() -> Any:
+        if probe_timeout_s is not None:
+            _wait_for_tcp(bootstrap_servers, probe_timeout_s, stop)
+            reached.append(True)
+        return factory()
+
+    def on_retry(exc: BaseException, n: int, delay: float) -> None:
+        log.warning("%s: Kafka broker `%s` unreachable (attempt %d of %d: %s); retrying in %.1f s",
+                    what, bootstrap_servers, n, attempts, exc, delay)
+
+    try:
+        return retry(attempt, transient=_BOOTSTRAP_ERRORS, attempts=attempts, stop=stop,
+                     backoff=Backoff(backoff_s, max(backoff_s, max_backoff_s)), on_retry=on_retry)
+    except _BOOTSTRAP_ERRORS as exc:
+        hint = ("; it accepts TCP connections but drops the Kafka handshake: a broker still starting, or "
+                "one that needs TLS or SASL (set `security_protocol`, `sasl_mechanism`, ... in the client's "
+                "config)") if reached else ""
+        raise StreamError(
+            f"{what}: cannot reach the Kafka broker at `{bootstrap_servers}` after {attempts} "
+            f"attempt(s) in {time.monotonic() - start:.1f} s: {exc}{hint}", transient=True
+        ) from exc
 
 
 def create_topic(
@@ -258,7 +331,7 @@ class _Listener(AsyncConsumerRebalanceListener):
         self.source._handle_assign(sorted(_tp(t) for t in assigned))
 
 
-class KafkaSource:
+class KafkaSource(GroupSource):
     """Records from Kafka topics, in a consumer group, with offsets the caller commits.
 
     Parameters
@@ -281,7 +354,7 @@ class KafkaSource:
         Retry when the broker is unreachable at start: ``connect_attempts`` tries of
         ``bootstrap_timeout_ms`` each, with exponential backoff from ``connect_backoff_s``.
 
-    Nothing connects until `open` (or the first `poll_batch`, or ``with``).
+    Nothing connects until `open` (or the first `next_batch`, or ``with``).
     """
 
     def __init__(
@@ -330,6 +403,7 @@ class KafkaSource:
         self.n_commit_failures = 0
         self._closing = False
         self._close_error: Optional[BaseException] = None
+        self._failure: Optional[StreamError] = None  # a permanent error: never poll again
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def open(self) -> "KafkaSource":
@@ -338,6 +412,14 @@ class KafkaSource:
             return self
         config = dict(self.consumer_config)
         config.setdefault("bootstrap_timeout_ms", self.bootstrap_timeout_ms)
+        try:
+            return self._open(config)
+        except (StreamError, ConfigError):
+            raise
+        except Exception as exc:  # e.g. a setting kafka-python does not know: say so, as one error
+            raise as_stream_error(exc, f"KafkaSource: opening `{self.bootstrap_servers}`") from exc
+
+    def _open(self, config: Dict[str, Any]) -> "KafkaSource":
         consumer = connect_with_retry(
             lambda: KafkaConsumer(
                 bootstrap_servers=self.bootstrap_servers,
@@ -351,7 +433,21 @@ class KafkaSource:
             backoff_s=self.connect_backoff_s,
             probe_timeout_s=config["bootstrap_timeout_ms"] / 1000,
         )
+        if not config.get("allow_auto_create_topics", True) and self.topics:
+            # the broker creates a missing topic on the subscription's first metadata request
+            # unless told not to; when it may not, a missing topic is an error no retry fixes
+            try:
+                missing = sorted(set(self.topics) - set(consumer.topics()))
+            except Exception:
+                consumer.close(autocommit=False, timeout_ms=1000)
+                raise
+            if missing:
+                consumer.close(autocommit=False, timeout_ms=1000)
+                raise StreamError(
+                    f"topic `{', '.join(missing)}` does not exist at `{self.bootstrap_servers}` and auto-create is "
+                    "off (`allow_auto_create_topics=False`): create it first, or allow auto-create", transient=False)
         self._consumer = consumer
+        self._failure = None
         if self.partitions is not None:
             consumer.assign([_ktp(tp) for tp in self.partitions])
             self._handle_assign(list(self.partitions))
@@ -359,15 +455,17 @@ class KafkaSource:
             consumer.subscribe(self.topics, listener=_Listener(self))
         return self
 
-    def close(self) -> None:
-        """Leave the group (``on_revoke`` runs first and may commit) and disconnect; idempotent."""
+    def close(self, *, timeout_s: Optional[float] = None) -> None:
+        """Leave the group (``on_revoke`` runs first and may commit) and disconnect; idempotent.
+        ``timeout_s`` bounds the time spent on the group and the connections (default: the
+        consumer's ``request_timeout_ms``)."""
         consumer = self._consumer
         if consumer is None:
             return
         self._closing = True
         self._close_error = None
-        try:
-            consumer.close(autocommit=False)  # runs the revoke hook, which may commit
+        try:  # runs the revoke hook, which may commit
+            consumer.close(autocommit=False, timeout_ms=None if timeout_s is None else int(timeout_s * 1000))
         finally:
             self._closing = False
             self._consumer = None
@@ -377,12 +475,6 @@ class KafkaSource:
             error, self._close_error = self._close_error, None
             raise error
 
-    def __enter__(self) -> "KafkaSource":
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def consumer(self) -> KafkaConsumer:
         """The underlying kafka-python consumer (opens the source)."""
@@ -391,20 +483,38 @@ class KafkaSource:
         return self._consumer
 
     # ---- reading --------------------------------------------------------------------------------
-    def poll_batch(self, max_records: int = 500, timeout_ms: int = 1000) -> List[Record]:
+    def next_batch(self, max_records: int = 500, timeout_ms: int = 1000) -> List[Record]:
         """Up to ``max_records`` records: waits at most ``timeout_ms`` for the first, then takes
         what is already fetched, without waiting again. ``[]`` when nothing arrived.
 
-        Raises `OffsetError` if a partition delivers an offset below one already handed out
-        without a `seek` in between.
+        Raises `OffsetRewindError` if a partition delivers an offset below one already handed
+        out without a `seek` in between, and `StreamError` when the client fails (see
+        `as_stream_error`): records fetched before the failure are handed out first and the
+        error comes with the next call. After a permanent error every call raises it again
+        without touching the consumer.
         """
         if not isinstance(max_records, int) or max_records < 1:
             raise ConfigError(f"`max_records` must be an int >= 1, got `{max_records!r}`")
+        if self._failure is not None:
+            error = self._failure
+            if error.transient:
+                self._failure = None  # deferred once, behind the records fetched before it
+            raise error
         consumer = self.consumer
         self._pending = []
         wait = max(0, int(timeout_ms))
         while len(self._pending) < max_records:
-            polled = consumer.poll(timeout_ms=wait, max_records=max_records - len(self._pending))
+            try:
+                polled = consumer.poll(timeout_ms=wait, max_records=max_records - len(self._pending))
+            except Exception as exc:
+                error = as_stream_error(exc, f"reading `{','.join(self.topics) or self.partitions}` from "
+                                             f"`{self.bootstrap_servers}`")
+                if not self._pending:
+                    if not error.transient:
+                        self._failure = error
+                    raise error from exc
+                self._failure = error  # after handing out what came before it
+                break
             if not polled:
                 break
             wait = 0
@@ -429,7 +539,7 @@ class KafkaSource:
     def _check_not_backwards(self, polled: Mapping[Any, Sequence[Any]]) -> None:
         """Raise `OffsetRewindError` *before* handing out anything when a partition restarts
         below its next offset (the consumer reset it, e.g. after ``OffsetOutOfRange`` when a
-        broker lost its data). Every record of this `poll_batch` call is put back first (the
+        broker lost its data). Every record of this `next_batch` call is put back first (the
         consumer is sought to the first of them), so nothing is lost: the caller accepts the
         new position with ``seek({tp: error.offset})`` or insists on ``error.expected``."""
         bad = None
@@ -481,8 +591,10 @@ class KafkaSource:
         assigned = set(self._assigned)
         return {tp: off for tp, off in self._tracker.snapshot().items() if tp in assigned}
 
-    def commit(self, offsets: Optional[Mapping[TopicPartition, int]] = None) -> bool:
-        """Commit next offsets to the group (default: `snapshot`); False if the group refused.
+    def commit(self, offsets: Optional[Mapping[TopicPartition, int]] = None, *,
+               timeout_s: Optional[float] = None) -> bool:
+        """Commit next offsets to the group (default: `snapshot`); False if the group refused or
+        did not answer within ``timeout_s`` (default: the consumer's ``request_timeout_ms``).
 
         A commit the group refuses (``CommitFailedError``: it has rebalanced) is logged and
         counted in ``n_commit_failures``, not raised: the checkpoint holds the offsets and the
@@ -496,7 +608,8 @@ class KafkaSource:
             return True
         self._tracker.check_commit(offsets)
         try:
-            self.consumer.commit({_ktp(tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+            self.consumer.commit({_ktp(tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
+                                 timeout_ms=None if timeout_s is None else int(timeout_s * 1000))
         except _COMMIT_ERRORS as exc:
             self.n_commit_failures += 1
             log.warning("offset commit of %s failed (%s); continuing", _fmt_offsets(offsets), exc)
@@ -513,6 +626,10 @@ class KafkaSource:
             if off is not None:
                 out[tuple(tp)] = int(off)  # type: ignore[index]
         return out
+
+    def health(self) -> Optional[str]:
+        """``"Kafka broker unreachable (...)"`` when no bootstrap server accepts a TCP connection."""
+        return probe_brokers(self.bootstrap_servers)
 
     def assignment(self) -> List[TopicPartition]:
         """Partitions this member reads now (empty before the first group join completes)."""
@@ -646,7 +763,7 @@ def make_producer(
     )
 
 
-class KafkaSink:
+class KafkaSink(Sink):
     """Writes messages to one topic; delivery errors surface at `flush`.
 
     Parameters
@@ -690,28 +807,13 @@ class KafkaSink:
     def _on_error(self, exc: BaseException) -> None:
         self._errors.append(exc)
 
-    def write_one(
-        self,
-        value: bytes,
-        *,
-        key: Optional[bytes] = None,
-        headers: Optional[Headers] = None,
-        partition: Optional[int] = None,
-    ) -> None:
-        """Queue one message (asynchronous; `flush` waits for delivery)."""
-        future = self.producer.send(
-            self.topic, value=value, key=key, headers=list(headers) if headers else None, partition=partition
-        )
-        future.add_errback(self._on_error)
-        self.n_written += 1
-
-    def write_many(
+    def write_batch(
         self,
         values: Sequence[bytes],
         keys: Optional[Sequence[Optional[bytes]]] = None,
         headers: Optional[Sequence[Optional[Headers]]] = None,
     ) -> int:
-        """Queue a batch; returns how many were queued."""
+        """Queue one message per value (asynchronous: `flush` waits for delivery); returns how many."""
         producer = self.producer
         send, topic, on_error = producer.send, self.topic, self._on_error
         for i, value in enumerate(values):
@@ -724,13 +826,19 @@ class KafkaSink:
         return len(values)
 
     def flush(self, timeout_s: Optional[float] = None) -> None:
-        """Wait until everything queued is delivered; raise `AmstreamError` if any send failed."""
+        """Wait until everything queued is delivered; raise a transient `StreamError` if a send
+        failed or ``timeout_s`` passed first."""
         if self._producer is not None:
-            self._producer.flush(timeout=timeout_s)
+            try:
+                self._producer.flush(timeout=timeout_s)
+            except kerrors.KafkaTimeoutError as exc:
+                raise StreamError(f"messages to topic `{self.topic}` not delivered within {timeout_s} s: {exc}",
+                                  transient=True) from exc
         if self._errors:
             errors, self._errors = self._errors, []
-            raise AmstreamError(
-                f"{len(errors)} message(s) to topic `{self.topic}` were not delivered; first error: {errors[0]!r}"
+            raise StreamError(
+                f"{len(errors)} message(s) to topic `{self.topic}` were not delivered; first error: {errors[0]!r}",
+                transient=True,
             ) from errors[0]
 
     def close(self, timeout_s: Optional[float] = 10.0) -> None:
@@ -742,12 +850,6 @@ class KafkaSink:
                 self._producer.close(timeout=timeout_s)
                 self._producer = None
 
-    def __enter__(self) -> "KafkaSink":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class DeadLetterSink(KafkaSink):
     """Writes rejected records unchanged (key and value) to a dead-letter topic.
@@ -757,9 +859,6 @@ class DeadLetterSink(KafkaSink):
     (UTF-8 text).
     """
 
-    def write_rejection(self, record: Record, reason: str, detail: str = "") -> None:
-        self.write_one(record.value, key=record.key, headers=self.headers_for(record, reason, detail))
-
     def write_rejections(self, records: Sequence[Record], rejections: Iterable[Any]) -> int:
         """One message per rejected record, from a decoded batch's rejections (``index``,
         ``reason``, ``detail``); returns how many were written. A record with several rejected
@@ -768,9 +867,10 @@ class DeadLetterSink(KafkaSink):
         by_record: Dict[int, List[Any]] = {}
         for r in rejections:
             by_record.setdefault(int(r.index), []).append(r)
-        for index, rs in by_record.items():
-            self.write_rejection(records[index], rs[0].reason, "; ".join(r.detail for r in rs))
-        return len(by_record)
+        bad = [records[i] for i in by_record]
+        headers = [self.headers_for(records[i], rs[0].reason, "; ".join(r.detail for r in rs))
+                   for i, rs in by_record.items()]
+        return self.write_batch([r.value for r in bad], [r.key for r in bad], headers)
 
     @staticmethod
     def headers_for(record: Record, reason: str, detail: str = "") -> List[tuple[str, bytes]]:
@@ -800,7 +900,7 @@ def produce_samples(
 
     One message per row, or per ``samples_per_message`` rows with the binary codec (a packed
     message's key is its first row's). Returns the number of messages delivered; raises
-    `AmstreamError` if any was not.
+    `StreamError` if any was not.
     """
     from amstream.connectors.codec import AutoCodec, BinaryCodec
 
@@ -822,7 +922,7 @@ def produce_samples(
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             values = codec.encode_many(X[start:stop], None if y is None else y[start:stop], **encode_kw)
-            sink.write_many(values, None if keys is None else keys[start:stop:samples_per_message])
+            sink.write_batch(values, None if keys is None else keys[start:stop:samples_per_message])
         sink.flush()
     finally:
         if own:

@@ -20,7 +20,7 @@ Y = RNG.integers(0, 4, 25)
 def read_all(src, max_records=7):
     records = []
     while True:
-        batch = src.poll_batch(max_records=max_records)
+        batch = src.next_batch(max_records=max_records)
         if not batch:
             return records
         assert len(batch) <= max_records
@@ -71,7 +71,7 @@ def test_seek_resumes_exactly_and_backwards(fixture, request):
     path = request.getfixturevalue(fixture)
     tp = (path.name, 0)
     src = FileSource(path, n_classes=4)
-    first = src.poll_batch(max_records=10)
+    first = src.next_batch(max_records=10)
     assert src.snapshot() == {tp: 10}
     assert src.lag() == {tp: 15}
     # a new source resumes from the checkpointed next row
@@ -82,13 +82,13 @@ def test_seek_resumes_exactly_and_backwards(fixture, request):
     assert [r.value for r in first + rest] == [r.value for r in read_all(FileSource(path, n_classes=4))]
     # seeking backwards is explicit and allowed
     resumed.seek({tp: 3})
-    assert [r.offset for r in resumed.poll_batch(max_records=2)] == [3, 4]
+    assert [r.offset for r in resumed.next_batch(max_records=2)] == [3, 4]
     # closing and opening again continues where it was
     resumed.close()
-    assert resumed.poll_batch(max_records=1)[0].offset == 5
+    assert resumed.next_batch(max_records=1)[0].offset == 5
     # past the end: stays at the end
     resumed.seek({tp: 1000})
-    assert resumed.poll_batch() == [] and resumed.exhausted
+    assert resumed.next_batch() == [] and resumed.exhausted
 
 
 def test_csv_header_label_by_name_blank_lines_and_bad_rows(tmp_path):
@@ -148,7 +148,7 @@ def test_npz_float_labels_and_missing_labels(tmp_path):
 
 def test_errors(tmp_path, csv_path):
     with pytest.raises(DatasetError, match=re.escape(f"input file `{tmp_path / 'nope.csv'}` does not exist")):
-        FileSource(tmp_path / "nope.csv").poll_batch()
+        FileSource(tmp_path / "nope.csv").next_batch()
     with pytest.raises(ConfigError, match=re.escape("cannot tell the format of")):
         FileSource(tmp_path / "data.parquet")
     with pytest.raises(ConfigError, match=re.escape("unknown file format `xls`")):
@@ -172,7 +172,7 @@ def test_errors(tmp_path, csv_path):
 
 def test_commit_never_goes_backwards(csv_path):
     src = FileSource(csv_path, n_classes=4)
-    src.poll_batch(max_records=5)
+    src.next_batch(max_records=5)
     assert src.commit() is True
     with pytest.raises(OffsetError, match=re.escape("commit of `data.csv:0` went backwards: `2` after `5`")):
         src.commit({("data.csv", 0): 2})

@@ -17,7 +17,7 @@ from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import BinaryCodec, JsonCodec
 from amstream.connectors.kafka import DeadLetterSink, KafkaSource, make_producer, produce_samples
 from amstream.connectors.records import Record
-from amstream.exceptions import AmstreamError, ConfigError, OffsetError
+from amstream.exceptions import AmstreamError, ConfigError, OffsetError, StreamError
 
 pytestmark = pytest.mark.kafka
 
@@ -45,7 +45,7 @@ def consume(source, n, *, timeout_s=20.0, max_records=100):
     deadline = time.monotonic() + timeout_s
     while len(records) < n:
         assert time.monotonic() < deadline, f"got {len(records)} of {n} records in {timeout_s} s"
-        records += source.poll_batch(max_records=min(max_records, n - len(records)), timeout_ms=200)
+        records += source.next_batch(max_records=min(max_records, n - len(records)), timeout_ms=200)
     return records
 
 
@@ -54,7 +54,7 @@ def wait_for_assignment(source, n_partitions, timeout_s=20.0):
     buffered = []
     while len(source.assignment()) < n_partitions:
         assert time.monotonic() < deadline, f"assignment {source.assignment()} after {timeout_s} s"
-        buffered += source.poll_batch(max_records=1, timeout_ms=100)
+        buffered += source.next_batch(max_records=1, timeout_ms=100)
     return buffered
 
 
@@ -116,7 +116,7 @@ def test_broker_that_dies_reports_its_output(tmp_path):
 def test_consume_everything_json_and_binary(member):
     member.seek({tp: 0 for tp in member.assignment()})
     records = consume(member, 2 * N)
-    assert member.poll_batch(max_records=10, timeout_ms=300) == []
+    assert member.next_batch(max_records=10, timeout_ms=300) == []
     assert sorted(int(r.key) for r in records if r.topic == "json") == list(range(N))
     assert sorted(int(r.key) for r in records if r.topic == "bin") == list(range(N))
     check_rows(records)
@@ -162,7 +162,7 @@ def test_commit_then_a_new_member_resumes_at_committed_offsets(broker):
     b = KafkaSource(["bin"], bootstrap_servers=broker.bootstrap_servers, group_id=group)
     with b:
         rest = consume(b, N - 150)
-        assert b.poll_batch(max_records=10, timeout_ms=300) == []
+        assert b.next_batch(max_records=10, timeout_ms=300) == []
         firsts = {}
         for r in rest:
             firsts.setdefault((r.topic, r.partition), r.offset)
@@ -191,7 +191,7 @@ def test_rebalance_hooks_commit_on_revoke_and_split_partitions(broker):
 
         def keep_polling():  # a must keep polling to take part in the rebalance
             while not stop.is_set():
-                got_a_later.extend(a.poll_batch(max_records=100, timeout_ms=100))
+                got_a_later.extend(a.next_batch(max_records=100, timeout_ms=100))
 
         thread = threading.Thread(target=keep_polling)
         thread.start()
@@ -201,7 +201,7 @@ def test_rebalance_hooks_commit_on_revoke_and_split_partitions(broker):
             while len(a.assignment()) != 1:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            got_b += b.poll_batch(max_records=100, timeout_ms=500)
+            got_b += b.next_batch(max_records=100, timeout_ms=500)
         finally:
             stop.set()
             thread.join()
@@ -284,3 +284,37 @@ def test_unreachable_broker_gives_a_clear_error_after_bounded_retries():
     assert time.monotonic() - start < 5
     with pytest.raises(AmstreamError, match=re.escape(f"KafkaProducer: cannot reach the Kafka broker at `{servers}` after 1 attempt(s)")):
         make_producer(servers, connect_attempts=1, bootstrap_timeout_ms=300)
+
+
+def test_kafka_errors_are_sorted_into_transient_and_permanent():
+    """kafka-python's own exception classes: what waiting can fix is transient, the rest stops serve."""
+    import kafka.errors as kerrors
+
+    from amstream.connectors.kafka import as_stream_error, parse_bootstrap_servers
+
+    transient = [kerrors.KafkaTimeoutError("no answer"), kerrors.NodeNotReadyError(1),
+                 kerrors.KafkaConnectionError("reset"), kerrors.NotLeaderForPartitionError(),
+                 kerrors.IllegalStateError("rebalancing")]
+    permanent = [kerrors.UnsupportedCodecError("Libraries for snappy compression codec not found"),
+                 kerrors.CorruptRecordError("failed crc check"), kerrors.TopicAuthorizationFailedError({"t"}),
+                 kerrors.GroupAuthorizationFailedError(), kerrors.SaslAuthenticationFailedError(),
+                 kerrors.UnsupportedVersionError(), ValueError("unpack requires a buffer of 8 bytes")]
+    assert all(as_stream_error(e, "reading").transient for e in transient)
+    assert not any(as_stream_error(e, "reading").transient for e in permanent)
+    msg = str(as_stream_error(permanent[0], "reading `t`"))
+    assert msg.startswith("reading `t`: UnsupportedCodecError: ") and "kafka-python[crc32c,lz4,snappy,zstd]" in msg
+    assert "grant it Read on the topic and the group" in str(as_stream_error(permanent[2], "reading"))
+    assert parse_bootstrap_servers(["a:1", "b"]) == [("a", 1), ("b", 9092)]
+    with pytest.raises(ConfigError, match=re.escape("bad bootstrap server `a:x` in `a:x`: the port must be 1-65535")):
+        parse_bootstrap_servers("a:x")
+
+
+def test_a_broker_that_requires_authentication_is_named_as_such(tansu):
+    """Tansu with `--authentication` drops an unauthenticated client's connection: the error says
+    the broker answers TCP but not the Kafka handshake (kept transient: it may be starting)."""
+    with EmbeddedBroker(extra_args=["--authentication"]) as b:
+        source = KafkaSource(["t"], bootstrap_servers=b.bootstrap_servers, group_id="g", connect_attempts=1,
+                             bootstrap_timeout_ms=1500)
+        with pytest.raises(StreamError, match="accepts TCP connections but drops the Kafka handshake") as err:
+            source.open()
+        assert err.value.transient

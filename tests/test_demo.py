@@ -6,7 +6,7 @@ import json
 import pytest
 
 from amstream.cli import main
-from amstream.stream import load_serve_checkpoint
+from amstream.serve import load_serve_checkpoint
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -1,5 +1,5 @@
-"""The serve loop without a broker: file sources (CSV, JSONL, NPZ) resuming exactly, bad rows,
-the prequential score, sample-id checksums, metrics, and the CLI's errors."""
+"""`amstream serve` without a broker: file sources (CSV, JSONL, NPZ) resuming exactly, bad rows,
+the prequential score, sample-id checksums, Prometheus metrics, and the CLI's errors."""
 from __future__ import annotations
 
 import doctest
@@ -11,16 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-import amstream.metrics
-import amstream.stream
+import amstream.connectors.base
+import amstream.connectors.testing
+import amstream.retry
+import amstream.serve.engine
+import amstream.serve.runner
+import amstream.serve.telemetry
 from amstream import AMConfig, make_learner
 from amstream.checkpoint import CheckpointManager
 from amstream.cli import main
 from amstream.connectors.codec import JsonCodec
 from amstream.connectors.files import FileSource
+from amstream.connectors.records import Record
 from amstream.exceptions import ConfigError
-from amstream.metrics import MetricsRegistry, MetricsServer
-from amstream.stream import Prequential, ServeLoop, key_checksum, load_serve_checkpoint
+from amstream.serve import (Engine, Prequential, Runner, RunnerConfig, StreamModel, Telemetry, key_checksum,
+                            load_serve_checkpoint)
 
 D, K, N, B = 12, 3, 700, 32
 RNG = np.random.default_rng(11)
@@ -98,21 +103,30 @@ def test_bad_rows_are_counted_and_never_learned(tmp_path, capsys):
     assert_same_model(learner, reference_model(X[:100], Y[:100]))
 
 
-def test_loop_on_a_file_in_process(tmp_path):
+def runner_for(source, learner, *, batch_size=B, state=None, checkpoints=None, **config):
+    engine = Engine(StreamModel(learner, source.codec), batch_size=batch_size)
+    if state is not None:
+        engine.load_state_dict(state)
+    return Runner(engine, source, checkpoints=checkpoints, config=RunnerConfig(**config))
+
+
+def test_runner_on_a_file_in_process(tmp_path):
     """The library API: build a learner and a source, run, resume with the checkpoint's state."""
     path = write(tmp_path / "d.npz", "npz")
     source = FileSource(path, n_classes=K)
-    loop = ServeLoop(make_learner(AMConfig(arch=(D, 16, K), seed=1)), source.codec, batch_size=B,
-                     checkpoints=CheckpointManager(tmp_path / "ck"), max_samples=200, log_every_s=None)
-    events = list(loop.steps(source))
-    assert [e["learned_samples"] for e in events] == [B * (i + 1) for i in range(7)]
-    assert all(0 <= e["window_accuracy"] <= 1 for e in events)
+    runner = runner_for(source, make_learner(AMConfig(arch=(D, 16, K), seed=1)),
+                        checkpoints=CheckpointManager(tmp_path / "ck"), max_samples=200)
+    steps = list(runner.steps())
+    assert [s.learned_samples for s in steps] == [B * (i + 1) for i in range(7)]
+    assert all(0 <= s.window_accuracy <= 1 for s in steps)
     learner, state, meta = load_serve_checkpoint(tmp_path / "ck")
     assert meta["reason"] == "shutdown" and state["offsets"] == {"d.npz:0": 2 * B * 4}  # polls of 2 minibatches
+    assert state["sizes"] == {"n_features": D, "n_classes": K, "grow_classes": False}
     source = FileSource(path, n_classes=K)
-    summary = ServeLoop(learner, source.codec, batch_size=B, resume=state, log_every_s=None).run(source)
-    assert summary["learned_samples"] == N
-    assert_same_model(learner, reference_model(X, Y))
+    runner = runner_for(source, learner, state=state)
+    summary = runner.run()
+    assert summary["learned_samples"] == N and summary["stop_reason"] == "end of input"
+    assert_same_model(runner.engine.learner, reference_model(X, Y))
 
 
 def test_prequential_is_test_then_train():
@@ -142,36 +156,49 @@ def test_key_checksum_is_order_independent_and_exact():
 
 
 def test_doctests():
-    for module in (amstream.stream, amstream.metrics):
+    for module in (amstream.serve.engine, amstream.serve.runner, amstream.serve.telemetry, amstream.retry,
+                   amstream.connectors.base, amstream.connectors.testing):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        assert result.failed == 0 and result.attempted > 0
+        assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
 def test_metrics_endpoint_serves_prometheus_text():
-    m = MetricsRegistry()
-    m.describe("bad_messages_total", "counter", "Rejected samples by reason.")
-    m.inc("bad_messages_total", 2, reason="malformed")
-    m.set("prequential_accuracy", 0.5, window="total")
-    m.set("consumer_lag", float("nan"), topic='we"ird', partition=0)
-    with MetricsServer(m, port=0, host="127.0.0.1") as server:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/nope", timeout=5)
+    t = Telemetry(log_every_s=None)
+    learner = make_learner(AMConfig(arch=(D, 16, K), seed=1))
+    engine = Engine(StreamModel(learner, JsonCodec(D, K)), batch_size=B, events=t)
+    records = [Record("t", 0, i, None, v) for i, v in enumerate(JsonCodec(D, K).encode_many(X[:70], Y[:70]))]
+    engine.ingest(records + [Record('we"ird', 0, 0, None, b"nope")])
+    engine.learn()
+    engine.learn()
+    port = t.serve_http(0, "127.0.0.1")
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        t.close()
     assert "# TYPE amstream_bad_messages_total counter" in body
-    assert 'amstream_bad_messages_total{reason="malformed"} 2' in body
-    assert 'amstream_prequential_accuracy{window="total"} 0.5' in body
-    assert 'amstream_consumer_lag{partition="0",topic="we\\"ird"} NaN' in body
+    assert 'amstream_bad_messages_total{reason="malformed"} 1.0' in body
+    assert "amstream_learned_samples_total 64.0" in body and "amstream_records_total 71.0" in body
+    assert "amstream_step_seconds_count 2.0" in body and 'amstream_step_seconds_bucket{le="+Inf"} 2.0' in body
+    assert "amstream_model_step 2.0" in body
+    assert "amstream_checkpoint_age_seconds NaN" in body  # no checkpoint yet
 
 
-def test_serve_needs_sizes_or_a_checkpoint(tmp_path, capsys):
-    assert main(["serve", "--topic", "t", "--bootstrap-servers", "127.0.0.1:1"]) == 1
-    assert "give `--dataset NAME`, or `--n-features` and `--n-classes`" in capsys.readouterr().err
+def test_serve_cli_errors(tmp_path, capsys):
     assert main(["serve", "--topic", "t", "--source", "x.csv"]) == 1
     assert "give `--topic` (Kafka) or `--source PATH`" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=re.escape("`batch_size` must be an int >= 1, got `0`")):
-        ServeLoop(make_learner(AMConfig(arch=(D, K))), JsonCodec(D, K), batch_size=0)
+        Engine(StreamModel(make_learner(AMConfig(arch=(D, K))), JsonCodec(D, K)), batch_size=0)
     with pytest.raises(ConfigError, match=re.escape("the codec expects `5` features, the learner `12`")):
-        ServeLoop(make_learner(AMConfig(arch=(D, K))), JsonCodec(5, K))
+        StreamModel(make_learner(AMConfig(arch=(D, K))), JsonCodec(5, K))
+    with pytest.raises(ConfigError, match=re.escape("the codec expects `4` classes, the learner `3`")):
+        StreamModel(make_learner(AMConfig(arch=(D, K))), JsonCodec(D, 4))
+    path = write(tmp_path / "d.npz", "npz")
+    ck = tmp_path / "ck"
+    assert main(["serve", "--source", str(path), "--n-classes", str(K), "--checkpoint-dir", str(ck), "--json",
+                 "--max-samples", "64", "--log-every", "0"]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--source", str(path), "--n-classes", "5", "--checkpoint-dir", str(ck)]) == 1
+    assert f"`--n-classes 5` contradicts the checkpoint in `{ck}` (3)" in capsys.readouterr().err
 
 
 def test_dataset_sizes_and_resume_without_model_flags(tmp_path, capsys):
@@ -191,6 +218,30 @@ def test_prefetching_thread_on_a_file_gives_the_same_model(tmp_path):
     path = write(tmp_path / "d.npz", "npz")
     source = FileSource(path, n_classes=K)
     learner = make_learner(AMConfig(arch=(D, 16, K), seed=1))
-    summary = ServeLoop(learner, source.codec, batch_size=B, prefetch=True, log_every_s=None).run(source)
+    summary = runner_for(source, learner, prefetch=True).run()
     assert summary["learned_samples"] == N and summary["stop_reason"] == "end of input"
     assert_same_model(learner, reference_model(X, Y))
+
+
+def test_a_file_without_sizes_grows_its_classes_and_resumes_exactly(tmp_path, capsys):
+    """No `--n-classes`: the output layer grows as labels appear, the checkpoint records it, and a run
+    cut in two ends with the model of one uninterrupted run."""
+    y = Y.copy()
+    y[400:] = 5  # a new class late in the stream
+    path = write(tmp_path / "grow.csv", "csv", X, y)
+    base = ["serve", "--source", str(path), "--arch", "16", "--batch-size", str(B), "--log-every", "0", "--json",
+            "--checkpoint-every-batches", "4"]
+    assert main(base + ["--checkpoint-dir", str(tmp_path / "whole")]) == 0
+    whole = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert whole["learned_samples"] == N and whole["n_classes"] == 6 and whole["arch"] == f"{D}-16-6"
+    assert main(base + ["--checkpoint-dir", str(tmp_path / "cut"), "--max-samples", "300"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert first["n_classes"] == 3
+    _, state, _ = load_serve_checkpoint(tmp_path / "cut")
+    assert state["sizes"] == {"n_features": D, "n_classes": 1000, "grow_classes": True}
+    assert main(base + ["--checkpoint-dir", str(tmp_path / "cut")]) == 0
+    second = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert second["learned_samples"] == N and second["key_checksum"] == whole["key_checksum"]
+    a, _, _ = load_serve_checkpoint(tmp_path / "whole")
+    b, _, _ = load_serve_checkpoint(tmp_path / "cut")
+    assert_same_model(a, b)

@@ -15,24 +15,22 @@ import random
 import re
 import signal
 import time
-import traceback
 
 import numpy as np
 import pytest
 import torch
 
 from amstream import AMConfig, make_learner
-from amstream.checkpoint import CheckpointManager
 from amstream.cli import main
 from amstream.connectors.broker import EmbeddedBroker
 from amstream.connectors.codec import BinaryCodec, JsonCodec, make_codec
 from amstream.connectors.kafka import KafkaSource, make_producer, produce_samples
-from amstream.stream import key_checksum, load_serve_checkpoint
+from amstream.serve import key_checksum, load_serve_checkpoint
+from serve_child import FAST_GROUP, Serve, checksum_of, learned_in, read_ids
 
 pytestmark = pytest.mark.kafka
 
 D, K = 54, 7
-FAST_GROUP = ["--consumer-config", "session_timeout_ms=2000", "--consumer-config", "heartbeat_interval_ms=500"]
 
 
 def data(n, seed):
@@ -55,96 +53,6 @@ def broker(tansu):
         yield b
 
 
-# ---- a serve child process ---------------------------------------------------------------------
-def _child_main(argv, out_path, err_path):  # runs in the forked child
-    try:
-        import logging
-        import sys
-
-        for fd, path in ((1, out_path), (2, err_path)):
-            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(f, fd)
-            os.close(f)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
-        logging.getLogger().handlers = []  # pytest's capture handlers
-        code = main(argv)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    except BaseException:
-        traceback.print_exc()
-        os._exit(99)
-
-
-class Serve:
-    """`amstream serve ARGV` in a forked child process, its stdout/stderr in files."""
-
-    def __init__(self, argv, tmp_path, name):
-        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        self.proc = multiprocessing.get_context("fork").Process(
-            target=_child_main, args=(["serve", *argv], str(self.out), str(self.err)), daemon=True)
-        self.proc.start()
-
-    def log(self):
-        return self.err.read_text() if self.err.exists() else ""
-
-    def wait_for(self, predicate, timeout_s, what):
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            assert self.proc.is_alive(), f"serve exited ({self.proc.exitcode}) before {what}:\n{self.log()[-3000:]}"
-            assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n{self.log()[-3000:]}"
-            time.sleep(0.2)
-
-    def join(self, timeout_s=60):
-        self.proc.join(timeout_s)
-        assert not self.proc.is_alive(), f"serve still running after {timeout_s} s:\n{self.log()[-3000:]}"
-        return self.proc.exitcode
-
-    def result(self):
-        lines = self.out.read_text().strip().splitlines()
-        assert lines, f"no JSON result:\n{self.log()[-3000:]}"
-        return json.loads(lines[-1])
-
-    def assignments(self):
-        """The partition list of each `assigned` line, in order."""
-        return [sorted(int(p) for p in re.findall(r"'[^']+', (\d+)", m))
-                for m in re.findall(r"partitions (\[.*?\]) assigned", self.log())]
-
-    def stop(self):
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(10)
-
-
-def learned_in(ckpt_dir):
-    loaded = CheckpointManager(ckpt_dir).restore()
-    return 0 if loaded is None else loaded["state"]["counters"]["learned_samples"]
-
-
-def read_ids(bootstrap, topic, partitions, n_messages, codec):
-    """(partition, offset, index-in-message) of every sample in the topic, read back."""
-    src = KafkaSource(partitions=[(topic, p) for p in range(partitions)], bootstrap_servers=bootstrap,
-                      group_id=None, on_assign=lambda parts: {tp: 0 for tp in parts})
-    ids = []
-    with src:
-        seen = 0
-        deadline = time.monotonic() + 30
-        while seen < n_messages:
-            assert time.monotonic() < deadline
-            records = src.poll_batch(1000, 200)
-            seen += len(records)
-            batch = codec.decode_records(records)
-            for i in range(len(batch)):
-                r = records[int(batch.index[i])]
-                ids.append((r.partition, r.offset, int(np.sum(batch.index[:i] == batch.index[i]))))
-    return np.array(ids, dtype=np.int64).reshape(-1, 3)
-
-
-def checksum_of(topic, ids):
-    return key_checksum(topic, ids[:, 0], ids[:, 1], ids[:, 2])
-
-
 def reference(x, y, batch_size, seed, hidden=(16,), predictions=None):
     """The uninterrupted run: the same minibatches in order (optionally the pre-update predictions)."""
     learner = make_learner(AMConfig(arch=(x.shape[1], *hidden, K), algo="am-adam", seed=seed))
@@ -163,9 +71,9 @@ def read_topic(bootstrap, topic, n, timeout_s=20):
         deadline = time.monotonic() + timeout_s
         while len(out) < n:
             assert time.monotonic() < deadline, f"{len(out)} of {n} messages in `{topic}`"
-            out += src.poll_batch(1000, 200)
+            out += src.next_batch(1000, 200)
         time.sleep(0.3)
-        out += src.poll_batch(1000, 200)
+        out += src.next_batch(1000, 200)
     return out
 
 
@@ -350,12 +258,15 @@ def test_broker_lost_and_restarted_empty_learner_waits_and_keeps_its_state(tansu
         def scrape():
             return urllib.request.urlopen(url, timeout=5).read().decode()
 
-        serve.wait_for(lambda: "amstream_checkpoint_age_seconds " in scrape(), 10, "a checkpoint age")
+        serve.wait_for(lambda: "amstream_checkpoint_age_seconds NaN" not in (body := scrape())
+                       and "amstream_consumer_lag{" in body, 10, "a checkpoint age and the lag")
         body = scrape()
-        assert "amstream_learned_samples 1000" in body
-        assert 'amstream_consumer_lag{partition="0",topic="r"} 0' in body
+        assert "amstream_model_learned_samples 1000.0" in body and "amstream_learned_samples_total 1000.0" in body
+        assert 'amstream_consumer_lag{partition="0",topic="r"} 0.0' in body
+        assert "amstream_step_seconds_count 20.0" in body and "amstream_model_step 20.0" in body
+        assert float(re.search(r"^amstream_checkpoint_age_seconds (\S+)$", body, re.M).group(1)) >= 0
         for name in ("samples_per_second", 'prequential_accuracy{window="recent"}', 'prequential_loss{window="total"}',
-                     "learner_seconds_total", "decode_seconds_total", "model_step 20"):
+                     "decode_seconds_total", "checkpoint_seconds_bucket", "checkpoints_total"):
             assert f"amstream_{name}" in body, name
         b.stop()
         serve.wait_for(lambda: "Kafka broker unreachable" in serve.log(), 30, "an `unreachable` report")
@@ -392,7 +303,7 @@ def test_unreachable_broker_at_start_is_retried(tmp_path):
     serve = Serve(["--topic", "t", "--bootstrap-servers", f"127.0.0.1:{port}", "--n-features", "4", "--n-classes",
                    "2", "--log-every", "0", "--json"], tmp_path, "nobroker")
     try:
-        serve.wait_for(lambda: "cannot open the source" in serve.log(), 30, "a failed connection attempt")
+        serve.wait_for(lambda: "the source failed" in serve.log(), 30, "a failed connection attempt")
         assert f"cannot reach the Kafka broker at `127.0.0.1:{port}`" in serve.log()
         serve.proc.terminate()
         assert serve.join(30) == 0

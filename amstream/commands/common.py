@@ -62,15 +62,30 @@ def setup_runtime(args: argparse.Namespace):
     return torch.device(args.device)
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
+def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
+    """``["a=1", "b=x", "c=true"]`` -> ``{"a": 1, "b": "x", "c": True}``: the one parser of
+    repeatable KEY=VALUE flags (``--set``, ``--consumer-config``, ``--producer-config``).
+
+    A value is read as JSON (numbers, ``true``/``false``/``null``, lists, quoted strings), else
+    ``True``/``False`` in any case, else taken as the string it is.
+
+    >>> parse_key_values(["lr=3e-3", "arch=784-100-10", "bias=False", "ids=[1, 2]"], "--set")
+    {'lr': 0.003, 'arch': '784-100-10', 'bias': False, 'ids': [1, 2]}
+    """
+    from amstream.exceptions import ConfigError
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ConfigError(f"`{flag}` takes KEY=VALUE, got `{pair}`")
         try:
-            return cast(text)
+            value: Any = json.loads(text)
         except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
+            value = {"true": True, "false": False}.get(text.lower(), text)
+        out[key] = value
+    return out
 
 
 def _expand_arch(text: str, n_inputs: int, n_outputs: int) -> str:
@@ -119,11 +134,7 @@ def config_from_args(args: argparse.Namespace, *, n_inputs: int, n_outputs: int,
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"`--set` takes KEY=VALUE, got `{item}`")
-        fields[key.strip()] = _parse_value(value.strip())
+    fields.update(parse_key_values(args.set, "--set"))
     if getattr(args, "lr_decay_epochs", 0) and getattr(args, "batch_size", None):
         n_train = getattr(args, "_n_train", None)
         if n_train:

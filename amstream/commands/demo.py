@@ -43,7 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import logging
     import threading
     import time
     from pathlib import Path
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from amstream.datasets import load_dataset
     from amstream.exceptions import ConfigError
     from amstream.learner import make_learner
-    from amstream.stream import ServeLoop
+    from amstream.serve import Engine, Runner, RunnerConfig, StreamModel
     from amstream.training import evaluate
 
     if args.samples < 1:
@@ -107,13 +106,12 @@ def run(args: argparse.Namespace) -> int:
         k = args.samples_per_message
         common.log(args, f"[2/4] producing {n:,} MNIST training images (binary codec, {k} per message of "
                          f"{k * codec.message_size:,} bytes) while serve joins the consumer group")
-        loop = ServeLoop(learner, codec, batch_size=args.batch_size,
-                         checkpoints=CheckpointManager(ckpt_dir, keep=2), checkpoint_every_batches=100,
-                         checkpoint_every_seconds=10, max_samples=n, idle_exit_s=20.0, flush_after_s=1.0,
-                         log_every_s=None, window=1000)
         source = KafkaSource(["samples"], bootstrap_servers=servers, group_id="amstream-demo",
-                             on_assign=loop.on_assign, on_revoke=loop.on_revoke,
                              consumer_config={"session_timeout_ms": 6000})
+        runner = Runner(Engine(StreamModel(learner, codec), batch_size=args.batch_size, window=1000), source,
+                        checkpoints=CheckpointManager(ckpt_dir, keep=2),
+                        config=RunnerConfig(checkpoint_every_batches=100, checkpoint_every_seconds=10,
+                                            max_samples=n, idle_exit_s=20.0, flush_after_s=1.0))
         common.log(args, f"[3/4] serve: {config.algo} {config.arch_string()}, minibatches of {args.batch_size}, "
                          f"test-then-train, checkpoints in {ckpt_dir}")
         curve: list = []
@@ -123,15 +121,15 @@ def run(args: argparse.Namespace) -> int:
 
             bar = tqdm(total=n, unit="img", desc="serve", dynamic_ncols=True)
 
-        def on_step(ev: dict) -> None:
-            curve.append((ev["learned_samples"], ev["window_accuracy"], ev["prequential_accuracy"]))
+        def on_step(step) -> None:
+            curve.append((step.learned_samples, step.window_accuracy, step.prequential_accuracy))
             if bar is not None:
-                bar.update(ev["batch"])
-                if ev["model_step"] % 10 == 0:
-                    bar.set_postfix(acc=f"{ev['window_accuracy']:.3f}", refresh=False)
+                bar.update(step.batch)
+                if step.model_step % 10 == 0:
+                    bar.set_postfix(acc=f"{step.window_accuracy:.3f}", refresh=False)
 
         try:
-            result = loop.run(source, on_step=on_step)
+            result = runner.run(on_step=on_step)
         finally:
             if bar is not None:
                 bar.close()

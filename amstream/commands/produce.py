@@ -5,11 +5,15 @@ Each sample becomes one message (JSON ``{"x": [...], "y": 3}`` or the binary cod
 ``SPLIT-ROW`` (the row in the dataset's split), so the default partitioner spreads rows over
 partitions by key.
 
+The broker is ``localhost:9092`` unless ``--bootstrap-servers`` says otherwise (the same place
+``amstream serve`` reads by default).
+
 Examples::
 
-    amstream produce --dataset mnist --topic samples --bootstrap-servers localhost:9092 --codec binary
+    amstream produce --dataset mnist --topic samples --codec binary
     amstream produce --dataset covertype --limit 100000 --standardize --topic cov --partitions 4 \\
-        --bootstrap-servers localhost:9092 --codec binary --samples-per-message 32 --rate 20000
+        --bootstrap-servers kafka:9092 --codec binary --samples-per-message 32 --rate 20000 \\
+        --producer-config compression_type=zstd
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="dataset name (see `amstream datasets`) or a .csv/.npz path")
     p.add_argument("--topic", required=True)
-    p.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT")
+    p.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT",
+                   help="Kafka brokers (default localhost:9092)")
     p.add_argument("--split", default="train", choices=("train", "test", "all"),
                    help="which rows (all: train then test)")
     p.add_argument("--limit", type=int, default=None, help="produce only the first N samples (after shuffling)")
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from amstream.commands.serve import parse_settings, setup_logging
+    from amstream.commands.serve import setup_logging
     from amstream.connectors.codec import make_codec
     from amstream.connectors.kafka import create_topic, make_producer, produce_samples
     from amstream.datasets import load_dataset
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{f' ({args.partitions} partitions)' if created else ''}; producing {len(X):,} "
                      f"{data.name} {args.split} samples as {args.codec} "
                      f"({args.samples_per_message} per message) to {args.bootstrap_servers}")
-    producer = make_producer(args.bootstrap_servers, **parse_settings(args.producer_config, "--producer-config"))
+    producer = make_producer(args.bootstrap_servers, **common.parse_key_values(args.producer_config, "--producer-config"))
     k = args.samples_per_message
     chunk = max(k, int(args.rate / 10) // k * k if args.rate else 10000 // k * k)
     bar = None

@@ -3,22 +3,29 @@
 Each minibatch is predicted before it is learned (prequential score), then learned with one
 update. The learner state and the offsets are checkpointed together, atomically; a restart
 resumes from the newest valid checkpoint, so every sample is learned exactly once even after
-``kill -9``. SIGTERM / Ctrl-C finish the minibatch, checkpoint, commit and exit 0.
+``kill -9``. SIGTERM / Ctrl-C finish the minibatch, checkpoint, commit and exit 0 (a second
+one interrupts at once). An error no retry can fix (records in a codec this machine cannot
+read, a corrupt batch, a refused authorization, a missing topic with auto-create off) stops
+serve after checkpointing, with one message and exit code 1; a broker that is down is
+retried with backoff.
 
 Examples::
 
-    amstream broker --port 9092 &                       # or any Kafka cluster
-    amstream produce --dataset mnist --topic samples --bootstrap-servers localhost:9092 --codec binary
-    amstream serve --topic samples --bootstrap-servers localhost:9092 --group-id mnist \\
-        --dataset mnist --arch 784-256-256-10 --batch-size 64 --checkpoint-dir runs/serve \\
-        --metrics-port 9100 --dead-letter-topic samples.dlq --idle-exit 30 --json
+    amstream broker &                                   # or any Kafka cluster on localhost:9092
+    amstream produce --dataset mnist --topic samples --codec binary
+    amstream serve --topic samples                      # sizes from the first valid message,
+                                                        # classes grown as labels appear
+    amstream serve --topic samples --bootstrap-servers kafka:9092 --group-id mnist \\
+        --n-features 784 --n-classes 10 --arch 784-256-256-10 --batch-size 64 \\
+        --checkpoint-dir runs/serve --metrics-port 9100 --dead-letter-topic samples.dlq --json
 
     # the same loop on a file, resumable:
     amstream serve --source covtype.csv --n-classes 7 --checkpoint-dir runs/covtype
 
-Messages are JSON ``{"x": [...], "y": 3}`` or the binary codec (see README "Message formats");
-``--codec auto`` (default) takes both. A restart needs only ``--checkpoint-dir`` and the input
-flags: the model comes from the checkpoint.
+Messages are JSON ``{"x": [...], "y": 3}`` or the binary codec (see README "Message formats"),
+compressed or not (gzip, snappy, lz4, zstd); ``--codec auto`` (default) takes both formats. A
+restart needs only ``--checkpoint-dir`` and the input flags: the model and its sizes come from
+the checkpoint.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--topic", action="append", default=[], metavar="NAME",
                    help="Kafka topic to learn from (repeatable, or comma-separated)")
-    g.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT")
+    g.add_argument("--bootstrap-servers", default="localhost:9092", metavar="HOST:PORT",
+                   help="Kafka brokers (default localhost:9092)")
     g.add_argument("--group-id", default="amstream", help="consumer group (default amstream)")
     g.add_argument("--source", default=None, metavar="PATH",
                    help="learn from a .csv/.tsv/.jsonl/.npz file instead of Kafka")
@@ -48,10 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--absent-partitions", default="committed", choices=("committed", "earliest"),
                    help="where partitions not in the checkpoint start: the group's committed offset "
                         "(else the beginning; default), or always the beginning")
-    s = p.add_argument_group("data sizes (not needed when resuming from a checkpoint)")
+    s = p.add_argument_group("data sizes (default: from the stream; a checkpoint keeps them)")
     s.add_argument("--dataset", default=None, help="take the sizes from a known dataset (e.g. mnist, covertype)")
-    s.add_argument("--n-features", type=int, default=None)
-    s.add_argument("--n-classes", type=int, default=None, help="classes (labels are 0..n-1)")
+    s.add_argument("--n-features", type=int, default=None,
+                   help="features per sample (default: from the first valid message)")
+    s.add_argument("--n-classes", type=int, default=None,
+                   help="classes, labels 0..n-1 (default: grown as labels appear, up to --max-classes)")
+    s.add_argument("--max-classes", type=int, default=1000,
+                   help="when classes grow: larger labels are rejected as label_out_of_range (default 1000)")
     s.add_argument("--task", default="classification", choices=("classification", "regression"))
     common.add_model_args(p)
     lp = p.add_argument_group("loop")
@@ -135,41 +147,6 @@ class _Throttle:
         return True
 
 
-def parse_settings(pairs: list[str], flag: str) -> dict:
-    import json
-
-    from amstream.exceptions import ConfigError
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"`{flag}` takes KEY=VALUE, got `{pair}`")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
-
-
-def tcp_health_check(bootstrap_servers: str):
-    """A health check for `ServeLoop`: None when a bootstrap server accepts TCP connections."""
-    import socket
-
-    def check():
-        errors = []
-        for server in bootstrap_servers.split(","):
-            host, _, port = server.strip().rpartition(":")
-            try:
-                socket.create_connection((host.strip("[]") or "localhost", int(port or 9092)), timeout=1.0).close()
-                return None
-            except (OSError, ValueError) as exc:
-                errors.append(f"{server.strip()}: {exc}")
-        return f"Kafka broker unreachable ({'; '.join(errors)})"
-
-    return check
-
-
 def _sizes(args: argparse.Namespace):
     """(n_features or None, n_classes or None) from --dataset / --n-features / --n-classes."""
     from amstream.exceptions import ConfigError
@@ -197,15 +174,62 @@ def _sizes(args: argparse.Namespace):
     return n_features, n_classes
 
 
+def _classes(args: argparse.Namespace, restored, n_features, n_classes):
+    """``(classification, grow, cap)``: whether classes grow as labels appear and the codec's class
+    count (the cap on labels when they grow); a checkpoint's sizes win over the flags, which must
+    agree with them."""
+    from amstream.exceptions import ConfigError
+
+    if restored is None:
+        classification = args.task == "classification"
+        grow = classification and n_classes is None
+        if grow and args.max_classes < 2:
+            raise ConfigError(f"`--max-classes` must be >= 2, got `{args.max_classes}`")
+        return classification, grow, (args.max_classes if grow else n_classes) if classification else None
+    learner, state, _ = restored
+    classification = learner.config.loss == "ce"
+    sizes = state.get("sizes") or {"n_features": learner.n_inputs, "grow_classes": False,
+                                   "n_classes": learner.n_outputs if classification else None}
+    for flag, given, kept in (("--n-features", n_features, sizes["n_features"]),
+                              ("--n-classes", n_classes, None if sizes["grow_classes"] else sizes["n_classes"])):
+        if given is not None and given != kept:
+            raise ConfigError(f"`{flag} {given}` contradicts the checkpoint in `{args.checkpoint_dir}` "
+                              f"({'classes grown as labels appear' if kept is None else kept})")
+    return classification, bool(sizes["grow_classes"]), sizes["n_classes"]
+
+
+def _model(args: argparse.Namespace, device, restored, n_features, n_classes, classes, file_source):
+    """The `StreamModel`: from the checkpoint, from the flags, or sized by the stream itself."""
+    from amstream.config import parse_arch
+    from amstream.connectors.codec import make_codec
+    from amstream.learner import make_learner
+    from amstream.serve import StreamModel
+
+    classification, grow, cap = classes
+    learner = restored[0] if restored is not None else None
+
+    def build(d: int):
+        k0 = (n_classes or 2) if classification else 1
+        full = parse_arch(args.arch) if args.arch else ()
+        if grow and len(full) > 2 and full[0] == d:
+            k0 = full[-1]  # a full --arch names the classes to start with
+        config = common.config_from_args(args, n_inputs=d, n_outputs=k0, loss="ce" if classification else "mse")
+        return make_learner(config, device=device)
+
+    codec = file_source.codec if file_source is not None else None
+    if codec is None and (learner is not None or n_features is not None):
+        codec = make_codec(args.codec, learner.n_inputs if learner is not None else n_features, cap,
+                           max_bytes=args.max_message_bytes)
+    return StreamModel(learner, codec, build=build, codec_name=args.codec,
+                       codec_options={"n_classes": cap, "max_bytes": args.max_message_bytes}, grow_classes=grow)
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
-    import signal
-    import sys
 
     from amstream.checkpoint import CheckpointManager
-    from amstream.exceptions import ConfigError
-    from amstream.learner import make_learner
-    from amstream.stream import ServeLoop, load_serve_checkpoint
+    from amstream.exceptions import ConfigError, StreamError
+    from amstream.serve import Engine, Runner, RunnerConfig, Telemetry, load_serve_checkpoint
 
     setup_logging(args.log_level)
     log = logging.getLogger("amstream.serve")
@@ -215,56 +239,29 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give `--topic` (Kafka) or `--source PATH` (a file), not both and not neither")
     n_features, n_classes = _sizes(args)
 
-    # 1. the learner: from the checkpoint when there is one, else from the flags
+    # 1. the model: from the checkpoint when there is one, else from the flags or the stream
     restored = load_serve_checkpoint(args.checkpoint_dir, device=device) if args.checkpoint_dir else None
+    classes = _classes(args, restored, n_features, n_classes)
     source = None
     if args.source:
         from amstream.connectors.files import FileSource
 
+        if args.predictions_topic or args.dead_letter_topic:
+            raise ConfigError("`--predictions-topic` and `--dead-letter-topic` need Kafka (`--topic`)")
         label = args.label_column
         label_column = None if label.lower() == "none" else (int(label) if label.lstrip("-").isdigit() else label)
         source = FileSource(args.source, n_features=restored[0].n_inputs if restored else n_features,
-                            n_classes=(restored[0].n_outputs if restored else n_classes)
-                            if args.task == "classification" else None,
-                            label_column=label_column, max_bytes=args.max_message_bytes)
-        if n_features is None:
-            n_features = source.codec.n_features
+                            n_classes=classes[2], label_column=label_column, max_bytes=args.max_message_bytes)
+    model = _model(args, device, restored, n_features, n_classes, classes, source)
+    engine = Engine(model, batch_size=args.batch_size, window=args.window, keep_keys=bool(args.predictions_topic))
     if restored is not None:
-        learner, state, meta = restored
-        if n_features is not None and n_features != learner.n_inputs:
-            raise ConfigError(f"the checkpoint in `{args.checkpoint_dir}` is for `{learner.n_inputs}` features, "
-                              f"the data has `{n_features}`")
-        log.info("resuming %s %s from `%s` (%s samples learned)", learner.config.algo,
-                 learner.config.arch_string(), args.checkpoint_dir,
-                 f"{int(state['counters']['learned_samples']):,}")
-    else:
-        state = None
-        if n_features is None or (args.task == "classification" and n_classes is None):
-            raise ConfigError("the stream's sizes are unknown: give `--dataset NAME`, or `--n-features` and "
-                              "`--n-classes` (or resume from a `--checkpoint-dir` that holds a checkpoint)")
-        config = common.config_from_args(args, n_inputs=n_features,
-                                         n_outputs=n_classes if args.task == "classification" else 1,
-                                         loss="ce" if args.task == "classification" else "mse")
-        learner = make_learner(config, device=device)
-    classes = learner.n_outputs if learner.config.loss == "ce" else None
+        engine.load_state_dict(restored[1])
+        log.info("resuming %s %s from `%s` (%s samples learned)", model.learner.config.algo,
+                 model.learner.config.arch_string(), args.checkpoint_dir,
+                 f"{engine.counters.learned_samples:,}")
 
-    # 2. codec, sinks, metrics
+    # 2. sinks, telemetry
     producer = predictions = dead_letters = None
-    if source is not None:
-        codec = source.codec
-        if args.predictions_topic or args.dead_letter_topic:
-            raise ConfigError("`--predictions-topic` and `--dead-letter-topic` need Kafka (`--topic`)")
-    else:
-        from amstream.connectors.codec import make_codec
-
-        codec = make_codec(args.codec, learner.n_inputs, classes, max_bytes=args.max_message_bytes)
-    metrics = server = None
-    if args.metrics_port is not None:
-        from amstream.metrics import MetricsRegistry, MetricsServer
-
-        metrics = MetricsRegistry()
-        server = MetricsServer(metrics, port=args.metrics_port, host=args.metrics_host).start()
-        log.info("metrics at http://%s:%d/metrics", args.metrics_host, server.port)
     if topics and (args.predictions_topic or args.dead_letter_topic):
         from amstream.connectors.kafka import DeadLetterSink, KafkaSink, create_topic, make_producer
 
@@ -277,17 +274,10 @@ def run(args: argparse.Namespace) -> int:
         if args.dead_letter_topic:
             dead_letters = DeadLetterSink(args.dead_letter_topic, bootstrap_servers=args.bootstrap_servers,
                                           producer=producer)
-
-    loop = ServeLoop(
-        learner, codec, batch_size=args.batch_size,
-        checkpoints=CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints) if args.checkpoint_dir else None,
-        resume=state, checkpoint_every_batches=args.checkpoint_every_batches,
-        checkpoint_every_seconds=args.checkpoint_every_seconds, predictions=predictions,
-        dead_letters=dead_letters, metrics=metrics, window=args.window, max_samples=args.max_samples,
-        max_seconds=args.max_seconds, idle_exit_s=args.idle_exit, flush_after_s=args.flush_after,
-        absent_partitions=args.absent_partitions, log_every_s=args.log_every or None,
-        health_check=tcp_health_check(args.bootstrap_servers) if topics else None,
-    )
+    telemetry = Telemetry(log_every_s=args.log_every or None, dead_letters=dead_letters is not None)
+    if args.metrics_port is not None:
+        port = telemetry.serve_http(args.metrics_port, args.metrics_host)
+        log.info("metrics at http://%s:%d/metrics", args.metrics_host, port)
     if not args.checkpoint_dir:
         log.warning("no `--checkpoint-dir`: the model is not saved, and a restart starts a new one")
 
@@ -296,63 +286,61 @@ def run(args: argparse.Namespace) -> int:
         from amstream.connectors.kafka import KafkaSource
 
         source = KafkaSource(topics, bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
-                             on_assign=loop.on_assign, on_revoke=loop.on_revoke,
-                             consumer_config=parse_settings(args.consumer_config, "--consumer-config"),
-                             connect_attempts=1, bootstrap_timeout_ms=5000)
+                             consumer_config=common.parse_key_values(args.consumer_config, "--consumer-config"),
+                             connect_attempts=1, bootstrap_timeout_ms=2000)
+    learner = model.learner
     log.info("serving %s %s (%s) from %s, batch %d, seed %d, device %s, threads %d",
-             learner.config.algo, learner.config.arch_string(), type(codec).__name__,
+             args.algo if learner is None else learner.config.algo,
+             "sized by the first valid message" if learner is None else learner.config.arch_string(),
+             "classes grown as labels appear" if model.grow_classes else "fixed classes",
              args.source or f"{','.join(topics)} @ {args.bootstrap_servers} (group {args.group_id})",
-             args.batch_size, learner.config.seed, device, args.threads)
+             args.batch_size, args.seed if learner is None else learner.config.seed, device, args.threads)
+    runner = Runner(engine, source, checkpoints=CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints)
+                    if args.checkpoint_dir else None, predictions=predictions, dead_letters=dead_letters,
+                    events=telemetry, config=RunnerConfig(
+                        checkpoint_every_batches=args.checkpoint_every_batches,
+                        checkpoint_every_seconds=args.checkpoint_every_seconds, max_samples=args.max_samples,
+                        max_seconds=args.max_seconds, idle_exit_s=args.idle_exit, flush_after_s=args.flush_after,
+                        absent_partitions=args.absent_partitions))
 
-    # 4. signals: the first SIGTERM/SIGINT stops after the minibatch; a second SIGINT interrupts
-    def on_signal(signum, frame):
-        name = signal.Signals(signum).name
-        if loop.stopping and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.info("%s: finishing the minibatch, checkpointing, committing", name)
-        loop.request_stop(name)
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # 4. run, with SIGTERM / SIGINT handled (the first stops after the minibatch)
+    failure = None
     bar = None
     try:
-        if common.show_progress(args):
-            from tqdm.auto import tqdm
+        with runner.signals_handled():
+            try:
+                if common.show_progress(args):
+                    from tqdm.auto import tqdm
+                    from tqdm.contrib.logging import logging_redirect_tqdm
 
-            bar = tqdm(total=args.max_samples, unit="sample", desc="serve", dynamic_ncols=True,
-                       initial=0, smoothing=0.1)
+                    bar = tqdm(total=args.max_samples, unit="sample", desc="serve", dynamic_ncols=True, smoothing=0.1)
 
-            def on_step(ev):
-                bar.update(ev["batch"])
-                if ev["model_step"] % 10 == 0:
-                    bar.set_postfix(acc=f"{ev['window_accuracy']:.3f}", bad=ev["bad_messages"], refresh=False)
+                    def on_step(step):
+                        bar.update(step.batch)
+                        if step.model_step % 10 == 0:
+                            bar.set_postfix(acc=f"{step.window_accuracy:.3f}", bad=step.bad_messages, refresh=False)
 
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            with logging_redirect_tqdm():
-                result = loop.run(source, on_step=on_step)
-        else:
-            result = loop.run(source)
+                    with logging_redirect_tqdm():
+                        result = runner.run(on_step=on_step)
+                else:
+                    result = runner.run()
+            except StreamError as exc:  # permanent: checkpointed already; report it after the summary
+                failure, result = exc, runner.summary()
     finally:
         if bar is not None:
             bar.close()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for sink in (predictions, dead_letters):
-            if sink is not None:
-                try:
-                    sink.flush(timeout_s=10)
-                except Exception as exc:
-                    log.error("sink flush at exit failed: %s", exc)
         if producer is not None:
-            producer.close(timeout=10)
-        if server is not None:
-            server.stop()
-    result.update(algo=learner.config.algo, arch=learner.config.arch_string(), seed=learner.config.seed,
-                  device=str(device), threads=args.threads)
+            producer.close(timeout=2)  # the runner flushed the sinks at its last checkpoint
+        telemetry.close()
+    learner = model.learner
+    result.update(algo=args.algo if learner is None else learner.config.algo,
+                  arch=None if learner is None else learner.config.arch_string(),
+                  seed=args.seed if learner is None else learner.config.seed, device=str(device), threads=args.threads)
     acc = result["prequential_accuracy"]
     common.emit(args, result, human=(
         f"learned {result['learned_samples_this_run']:,} samples in this run ({result['learned_samples']:,} in all, "
         f"{result['samples_per_second']:,.0f}/s), prequential accuracy "
         f"{'n/a' if acc is None else f'{acc:.4f}'}, {result['bad_messages']:,} bad messages"))
-    sys.stdout.flush()
+    if failure is not None:
+        raise failure
     return 0
