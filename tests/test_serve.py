@@ -245,3 +245,19 @@ def test_a_file_without_sizes_grows_its_classes_and_resumes_exactly(tmp_path, ca
     a, _, _ = load_serve_checkpoint(tmp_path / "whole")
     b, _, _ = load_serve_checkpoint(tmp_path / "cut")
     assert_same_model(a, b)
+
+
+@pytest.mark.parametrize("arch, expected", [("lenet5", "1x28x28-c6k5p2-pool2-c16k5-pool2-120-84-10"),
+                                            ("28x28-rnn64-10", "28x28-rnn64-10")])
+def test_serve_learns_an_image_stream_with_a_cnn_or_an_rnn(tmp_path, capsys, arch, expected):
+    """`--arch lenet5` (or a row-by-row RNN) on a stream of MNIST images: the same engine, a
+    convolutional (recurrent) learner, prequential accuracy well above chance after one pass."""
+    from amstream.datasets import load_dataset
+
+    data = load_dataset("mnist", limit=1200)
+    path = write(tmp_path / "mnist.npz", "npz", data.x_train, data.y_train)
+    assert main(["serve", "--source", str(path), "--arch", arch, "--batch-size", "50", "--log-every", "0",
+                 "--lr", "0.01", "--lr-out", "0.01", "--checkpoint-dir", str(tmp_path / "ck"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["arch"] == expected and summary["learned_samples"] == 1200
+    assert summary["prequential_accuracy"] > (0.5 if arch == "lenet5" else 0.2), summary

@@ -88,7 +88,7 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
-def _expand_arch(text: str, n_inputs: int, n_outputs: int) -> str:
+def expand_arch(text: str, n_inputs: int, n_outputs: int) -> str:
     """``rnn:H`` -> ``{n_inputs}-rnnH-{n_outputs}``: an Elman RNN over the features, one per step."""
     kind, sep, width = text.partition(":")
     if sep and kind.strip().lower() == "rnn":
@@ -107,7 +107,7 @@ def config_from_args(args: argparse.Namespace, *, n_inputs: int, n_outputs: int,
 
         with open(args.config, "rb") as fh:
             fields.update(tomllib.load(fh))
-    sizes = parse_arch(_expand_arch(args.arch, n_inputs, n_outputs) if args.arch else fields.get("arch", (100, 100)))
+    sizes = parse_arch(expand_arch(args.arch, n_inputs, n_outputs) if args.arch else fields.get("arch", (100, 100)))
     if isinstance(sizes, str):  # a network spec: it fixes its own input and output sizes
         from amstream.network import parse_network
 

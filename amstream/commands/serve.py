@@ -202,6 +202,7 @@ def _model(args: argparse.Namespace, device, restored, n_features, n_classes, cl
     """The `StreamModel`: from the checkpoint, from the flags, or sized by the stream itself."""
     from amstream.config import parse_arch
     from amstream.connectors.codec import make_codec
+    from amstream.network import parse_network
     from amstream.learner import make_learner
     from amstream.serve import StreamModel
 
@@ -210,8 +211,10 @@ def _model(args: argparse.Namespace, device, restored, n_features, n_classes, cl
 
     def build(d: int):
         k0 = (n_classes or 2) if classification else 1
-        full = parse_arch(args.arch) if args.arch else ()
-        if grow and len(full) > 2 and full[0] == d:
+        full = parse_arch(common.expand_arch(args.arch, d, k0)) if args.arch else ()
+        if grow and isinstance(full, str):
+            k0 = parse_network(full).n_outputs  # a network spec (lenet5, ...) names its outputs
+        elif grow and len(full) > 2 and full[0] == d:
             k0 = full[-1]  # a full --arch names the classes to start with
         config = common.config_from_args(args, n_inputs=d, n_outputs=k0, loss="ce" if classification else "mse")
         return make_learner(config, device=device)
