@@ -126,6 +126,19 @@ def best_rates(tuning: list[dict], name: str) -> dict[str, float]:
     return {m: lr for m, (_, lr) in best.items()}
 
 
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k, v in r.items():
+            if k in ("figure", "method", "minibatch_in_epoch"):
+                continue
+            r[k] = float(v) if "." in v or "e" in v or v == "nan" else int(v)
+        if r.get("minibatch_in_epoch", "end") != "end":
+            r["minibatch_in_epoch"] = int(r["minibatch_in_epoch"])
+    return rows
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -143,11 +156,13 @@ def summarize(rows: list[dict], tuning: list[dict], meta: dict, figures: list[st
         mine = [r for r in rows if r["figure"] == name and r["minibatch_in_epoch"] == "end"]
         if not mine:
             continue
-        rates = best_rates(tuning, name)
+        rates = {r["method"]: r["lr"] for r in mine}
+        tuned = {r["method"] for r in tuning if r["figure"] == name and r["val_accuracy"] == r["val_accuracy"]}
         lines += ["", f"## {fig['title']}", "",
                   f"arch `{AMConfig(arch=fig['arch']).arch_string()}`, activation {fig['activation']}, minibatch "
-                  f"{fig['batch']}; learning rates chosen on validation: "
-                  + ", ".join(f"{m} {lr:g}" for m, lr in rates.items()), ""]
+                  f"{fig['batch']}; learning rates: "
+                  + ", ".join(f"{m} {lr:g} ({'chosen on validation' if m in tuned else 'given'})"
+                              for m, lr in rates.items()), ""]
         epochs = sorted({int(r["epoch"]) for r in mine})
         methods = [m for m in fig["methods"] if any(r["method"] == m for r in mine)]
         lines.append("| epoch | " + " | ".join(f"{m} test acc (mean ± sd, seeds)" for m in methods) + " |")
@@ -226,14 +241,18 @@ def plot(rows: list[dict], name: str, out: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)" if error else "test accuracy")
     if error:
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.axhline(3.0, color="gray", ls="--", lw=0.8)
     if inset is not None:
         inset.set_title("first epoch", fontsize=8)
         inset.tick_params(labelsize=7)
     seeds = sorted({r["seed"] for r in mine})
     ax.set_title(f"{fig['title']}\nmean ± sd over seeds {seeds}", fontsize=9)
-    ax.legend()
+    ax.legend(loc="upper left" if not error else "upper right")
     f.tight_layout()
     f.savefig(out / f"{name}.png", dpi=110)
     plt.close(f)
@@ -246,9 +265,14 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--tune-epochs", type=int, default=1)
     p.add_argument("--decay-epochs", type=int, default=4, help="halve the learning rates every this many epochs")
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                   help="use this learning rate for METHOD instead of tuning it; with --methods, "
+                        "e.g. --methods am-adam --lr am-adam=0.003 (repeatable)")
+    p.add_argument("--methods", nargs="+", default=None, help="a subset of the figure's methods")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a few thousand images, 2 epochs, 1 seed")
+    p.add_argument("--replot", action="store_true", help="redraw the plots and summary from --out's CSVs")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -271,21 +295,44 @@ def main() -> int:
     }
     rows: list[dict] = []
     tuning: list[dict] = []
+    if args.replot:
+        rows, tuning = _read_csv(out / "curves.csv"), _read_csv(out / "tuning.csv")
+        meta = {}  # the run's own, from the summary it wrote
+        for line in (out / "summary.md").read_text().split("\n## ")[0].splitlines():
+            if line.startswith("- ") and ": " in line:
+                key, value = line[2:].split(": ", 1)
+                meta[key] = value
 
     def save():
-        meta["load average now"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        if not args.replot:
+            meta["load average at end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
         write_csv(out / "curves.csv", rows)
         write_csv(out / "tuning.csv", tuning)
         (out / "summary.md").write_text(summarize(rows, tuning, meta, args.figures))
         for name in args.figures:
             plot(rows, name, out)
 
+    if args.replot:
+        save()
+        print((out / "summary.md").read_text())
+        return 0
+    fixed = {}
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        fixed[method.strip()] = float(value)
     for name in args.figures:
-        fig = FIGURES[name]
+        fig = dict(FIGURES[name])
+        if args.methods:
+            fig["methods"] = {m: v for m, v in fig["methods"].items() if m in args.methods}
+            fig["grid"] = {m: v for m, v in fig["grid"].items() if m in args.methods}
+        fig["grid"] = {m: v for m, v in fig["grid"].items() if m not in fixed}
         print(f"{fig['title']}: tuning", flush=True)
         tuning += tune(name, fig, data, epochs=args.tune_epochs, seed=0, device=device,
                        decay_epochs=args.decay_epochs, limit=None)
+        tuning += [{"figure": name, "method": m, "lr": lr, "val_accuracy": float("nan"), "seconds": 0.0}
+                   for m, lr in fixed.items() if m in fig["methods"]]
         rates = best_rates(tuning, name)
+        rates.update({m: lr for m, lr in fixed.items() if m in fig["methods"]})
         per_epoch = -(-len(data.x_train) // fig["batch"])
         for seed in seeds:
             for method, lr in rates.items():
