@@ -7,6 +7,8 @@
    learning each step's samples of both ranks; an idle rank joins every step; a restart from the
    group checkpoint with the partitions swapped between ranks learns every sample once; SIGTERM
    while the peer is stuck, and a peer killed with -9, end the rank within seconds.
+3. torchrun and the embedded Kafka broker: kill -9 of rank 1, then of rank 0, torchrun restarts
+   the group, SIGTERM on one rank stops both, a new run finishes: every sample learned once.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 from amstream import AMConfig, make_learner
+from amstream.cli import main
 from amstream.connectors.codec import BinaryCodec
 from amstream.connectors.records import Record
 from amstream.exceptions import ConfigError
@@ -268,3 +271,139 @@ def test_a_rank_ends_within_seconds_when_its_peer_is_stuck_or_gone(tmp_path, how
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+# ---- 3. torchrun and the embedded broker --------------------------------------------------------------
+def test_distributed_without_torchrun_says_how_to_launch(monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["serve", "--distributed", "--topic", "t", "--n-features", "4", "--n-classes", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "not launched by torchrun" in err and "torchrun --nproc-per-node N" in err
+    with pytest.raises(ConfigError, match=r"`--distributed` learns Kafka topics"):
+        from amstream.commands.serve import _join
+
+        _join(type("A", (), {"dist_timeout": 1})(), torch.device("cpu"), [])
+
+
+def _torchrun(argv, log_dir, restarts):
+    """`torchrun --standalone --nproc-per-node 2 -m amstream serve --distributed ARGV`, each
+    rank's stdout and stderr in files under ``log_dir``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", str(restarts), "--monitor-interval", "0.2", "--log-dir", str(log_dir), "--redirects", "3",
+           "-m", "amstream", "serve", "--distributed", *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _end(agent):
+    """Stop torchrun and its workers (a killed torchrun leaves its workers running)."""
+    if agent.poll() is None:
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait(10)
+
+
+def _ranks_of(agent):
+    """{rank: (pid, restart count)} of torchrun's running workers."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent.pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            out[int(env[b"RANK"])] = (int(entry), int(env.get(b"TORCHELASTIC_RESTART_COUNT", b"0")))
+    return out
+
+
+def _logs(log_dir, name="stderr.log"):
+    return "\n".join(f"== {p}\n{p.read_text()[-1500:]}" for p in sorted(Path(log_dir).rglob(name)))
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_kill9_of_each_rank_and_sigterm_under_torchrun_learn_every_sample_once(tansu, tmp_path):
+    """A producer writes 6,000 samples over ~12 s into 4 partitions while two ranks learn them
+    under torchrun: kill -9 of rank 1, then of rank 0 (torchrun restarts the group from the last
+    group checkpoint each time), SIGTERM of rank 1 (both ranks stop, exit 0), then a new run to
+    the end: every sample learned once (count and id checksum), the ranks' models identical."""
+    import threading
+
+    from amstream.checkpoint import CheckpointManager
+    from amstream.connectors.broker import EmbeddedBroker
+    from amstream.connectors.kafka import make_producer, produce_samples
+    from serve_child import FAST_GROUP, checksum_of, learned_in, read_ids
+
+    n, per_burst = 6000, 50
+    x, y = data(n, 7)
+    ck = tmp_path / "ck"
+    with EmbeddedBroker() as broker:
+        servers = broker.bootstrap_servers
+        broker.create_topic("dk", partitions=4)
+        producer = make_producer(servers)
+        done = threading.Event()
+
+        def produce():
+            for i in range(0, n, per_burst):
+                produce_samples("dk", x[i:i + per_burst], y[i:i + per_burst], codec=CODEC, bootstrap_servers=servers,
+                                producer=producer, keys=[b"s%d" % j for j in range(i, i + per_burst)])
+                time.sleep(0.1)
+            done.set()
+
+        argv = ["--topic", "dk", "--bootstrap-servers", servers, "--group-id", "g-dk", "--n-features", str(D),
+                "--n-classes", str(K), "--arch", "16", "--batch-size", "40", "--checkpoint-dir", str(ck),
+                "--checkpoint-every-seconds", "0.3", "--flush-after", "0.5", "--log-every", "0", "--json",
+                "--dist-timeout", "30", *FAST_GROUP, "--consumer-config", "max_poll_interval_ms=5000"]
+        agent = _torchrun(argv, tmp_path / "logs1", restarts=2)
+        writer = threading.Thread(target=produce, daemon=True)
+        writer.start()
+        try:
+            def wait(predicate, what, timeout_s=60):
+                deadline = time.monotonic() + timeout_s
+                while not predicate():
+                    assert agent.poll() is None, f"torchrun exited ({agent.returncode}) before {what}:\n" + \
+                        _logs(tmp_path / "logs1")
+                    assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n" + _logs(tmp_path / "logs1")
+                    time.sleep(0.05)
+
+            progress = [0]
+            for attempt, victim in enumerate([1, 0, None]):
+                wait(lambda: len(_ranks_of(agent)) == 2 and all(c == attempt for _, c in _ranks_of(agent).values()),
+                     f"attempt {attempt} running")
+                base = progress[-1]
+                wait(lambda: learned_in(ck) > base, f"a checkpoint of attempt {attempt} beyond {base}")
+                pid = _ranks_of(agent)[1 if victim is None else victim][0]
+                os.kill(pid, signal.SIGKILL if victim is not None else signal.SIGTERM)
+                progress.append(learned_in(ck))
+            t0 = time.monotonic()
+            assert agent.wait(30) == 0, agent.stderr.read()[-3000:] + _logs(tmp_path / "logs1")
+            assert time.monotonic() - t0 < 15  # SIGTERM on one rank ended both
+            assert progress == sorted(progress) and progress[-1] < n, progress  # each stop mid-stream
+            stopped = [json.loads(p.read_text()) for p in sorted((tmp_path / "logs1").rglob("attempt_2/*/stdout.log"))]
+            assert [s["stop_reason"] for s in stopped] == ["another rank stopped", "SIGTERM"]
+            assert stopped[0]["group"]["learned_samples"] == learned_in(ck) < n
+            assert "a peer rank died" in _logs(tmp_path / "logs1")
+        finally:
+            _end(agent)
+        writer.join(60)
+        assert done.is_set()
+
+        agent = _torchrun(argv + ["--idle-exit", "3"], tmp_path / "logs2", restarts=0)
+        try:
+            assert agent.wait(120) == 0, agent.stderr.read()[-3000:] + _logs(tmp_path / "logs2")
+        finally:
+            _end(agent)
+        final = [json.loads(p.read_text()) for p in sorted((tmp_path / "logs2").rglob("stdout.log"))]
+        assert [s["rank"] for s in final] == [0, 1] and final[0]["model_digest"] == final[1]["model_digest"]
+        state = CheckpointManager(ck).restore()["state"]
+        ids = read_ids(servers, "dk", 4, n, CODEC)
+        assert state["counters"]["learned_samples"] == final[0]["group"]["learned_samples"] == n
+        assert state["counters"]["key_checksum"] == final[1]["group"]["key_checksum"] == checksum_of("dk", ids)
+        assert sum(state["offsets"].values()) == n and not state["carry"]
+        producer.close()
