@@ -265,8 +265,8 @@ class DistributedRunner(Runner):
             self._rolled_epoch = epoch
         if partitions is None:
             self.rollbacks += 1
-            log.info("rank %d: partitions moved between ranks: every rank continues from the last group "
-                     "checkpoint (%s samples), this one with %s", self.ranks.rank,
+            log.info("rank %d: the group's partitions changed: every rank continues from the last group "
+                     "checkpoint (%s samples learned), this one with %s", self.ranks.rank,
                      f"{self.base.get('counters', {}).get('learned_samples', 0):,}", _fmt_tps(held))
 
     # ---- rebalance hooks: note the change, start where base says -----------------------------------
@@ -282,10 +282,12 @@ class DistributedRunner(Runner):
         return seek
 
     def on_revoke(self, partitions: List[TopicPartition]) -> Offsets:
-        """Nothing to commit: the group commits only what a group checkpoint holds."""
+        """Nothing to commit: the group commits only what a group checkpoint holds (the next owner
+        starts at the base's offsets, reported here)."""
         with self.lock:
             self._epoch += 1
-        self.events.after_revoke(list(partitions), {})
+            base = {tp: self._base_offsets[tp] for tp in partitions if tp in self._base_offsets}
+        self.events.after_revoke(list(partitions), base)
         return {}
 
     # ---- the loop --------------------------------------------------------------------------------------
