@@ -9,6 +9,7 @@ __all__ = [
     "OffsetError",
     "OffsetRewindError",
     "DecodeError",
+    "DistributedError",
     "StreamError",
 ]
 
@@ -53,6 +54,11 @@ class OffsetRewindError(OffsetError):
 
     def __reduce__(self):  # picklable despite the custom signature
         return (type(self), (self.partition, self.offset, self.expected))
+
+
+class DistributedError(AmstreamError, RuntimeError):
+    """A rank of a distributed run lost its peers: one died (its connections closed) or did not
+    answer in time; the message says which collective and what to do."""
 
 
 class DecodeError(AmstreamError, ValueError):

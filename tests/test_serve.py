@@ -15,6 +15,7 @@ import amstream.connectors.base
 import amstream.connectors.testing
 import amstream.retry
 import amstream.serve.engine
+import amstream.serve.lockstep
 import amstream.serve.runner
 import amstream.serve.telemetry
 from amstream import AMConfig, make_learner
@@ -156,7 +157,8 @@ def test_key_checksum_is_order_independent_and_exact():
 
 
 def test_doctests():
-    for module in (amstream.serve.engine, amstream.serve.runner, amstream.serve.telemetry, amstream.retry,
+    for module in (amstream.serve.engine, amstream.serve.runner, amstream.serve.telemetry, amstream.serve.lockstep,
+                   amstream.retry,
                    amstream.connectors.base, amstream.connectors.testing):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and result.attempted > 0, module.__name__

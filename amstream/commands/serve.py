@@ -19,6 +19,10 @@ Examples::
         --n-features 784 --n-classes 10 --arch 784-256-256-10 --batch-size 64 \\
         --checkpoint-dir runs/serve --metrics-port 9100 --dead-letter-topic samples.dlq --json
 
+    # two processes in one consumer group learning one model (README "Several processes"):
+    torchrun --nproc-per-node 2 --max-restarts 3 .venv/bin/amstream serve --distributed \\
+        --topic samples --n-features 784 --n-classes 10 --checkpoint-dir runs/dist
+
     # the same loop on a file, resumable:
     amstream serve --source covtype.csv --n-classes 7 --checkpoint-dir runs/covtype
 
@@ -75,6 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--flush-after", type=float, default=2.0, metavar="SECONDS",
                     help="learn a partial minibatch once caught up and idle this long (default 2)")
     lp.add_argument("--window", type=int, default=1000, help="samples in the windowed prequential score")
+    d = p.add_argument_group("several processes (see README \"Several processes\")")
+    d.add_argument("--distributed", action="store_true",
+                   help="be one rank of a group launched by torchrun that learns one model: "
+                        "`torchrun --nproc-per-node N --max-restarts 3 .venv/bin/amstream serve --distributed ...`")
+    d.add_argument("--dist-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="a collective that waits longer for a peer rank fails (default 120)")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-dir", default=None, help="checkpoints (state + offsets); resume from here")
     c.add_argument("--checkpoint-every-batches", type=int, default=100)
@@ -227,7 +237,38 @@ def _model(args: argparse.Namespace, device, restored, n_features, n_classes, cl
                        codec_options={"n_classes": cap, "max_bytes": args.max_message_bytes}, grow_classes=grow)
 
 
+def _join(args: argparse.Namespace, device, topics):
+    """``(ranks, device, restored)`` of a rank: the group joined, this rank's device, and the
+    group's checkpoint (read by rank 0, sent to the others) as ``load_serve_checkpoint`` gives it."""
+    import torch
+
+    from amstream.exceptions import ConfigError
+    from amstream.learner import learner_from_state
+    from amstream.serve.distributed import join_group, local_rank, restore
+
+    if not topics:
+        raise ConfigError("`--distributed` learns Kafka topics (`--topic`) in one consumer group: a file is one "
+                          "partition, which one rank would read alone")
+    ranks = join_group(timeout_s=args.dist_timeout)
+    if device.type == "cuda":  # one GPU per rank on a machine
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    state = restore(ranks, args.checkpoint_dir)
+    return ranks, device, None if state is None else (learner_from_state(state["learner"], device=device), state, {})
+
+
+def _facts(args: argparse.Namespace, engine, topics) -> dict:
+    """What every rank of a group must have alike."""
+    from amstream.serve.lockstep import model_digest
+
+    learner = engine.learner
+    return {"topics": sorted(topics), "group_id": args.group_id, "batch_size": args.batch_size,
+            "config": None if learner is None else learner.config.to_dict(),
+            "model": None if learner is None else model_digest(learner.state_dict())}
+
+
 def run(args: argparse.Namespace) -> int:
+    import functools
     import logging
 
     from amstream.checkpoint import CheckpointManager
@@ -243,7 +284,11 @@ def run(args: argparse.Namespace) -> int:
     n_features, n_classes = _sizes(args)
 
     # 1. the model: from the checkpoint when there is one, else from the flags or the stream
-    restored = load_serve_checkpoint(args.checkpoint_dir, device=device) if args.checkpoint_dir else None
+    ranks = None
+    if args.distributed:
+        ranks, device, restored = _join(args, device, topics)
+    else:
+        restored = load_serve_checkpoint(args.checkpoint_dir, device=device) if args.checkpoint_dir else None
     classes = _classes(args, restored, n_features, n_classes)
     source = None
     if args.source:
@@ -258,10 +303,11 @@ def run(args: argparse.Namespace) -> int:
     model = _model(args, device, restored, n_features, n_classes, classes, source)
     engine = Engine(model, batch_size=args.batch_size, window=args.window, keep_keys=bool(args.predictions_topic))
     if restored is not None:
-        engine.load_state_dict(restored[1])
+        if ranks is None:  # (a rank takes its share of the state from its runner)
+            engine.load_state_dict(restored[1])
         log.info("resuming %s %s from `%s` (%s samples learned)", model.learner.config.algo,
                  model.learner.config.arch_string(), args.checkpoint_dir,
-                 f"{engine.counters.learned_samples:,}")
+                 f"{restored[1].get('counters', {}).get('learned_samples', 0):,}")
 
     # 2. sinks, telemetry
     producer = predictions = dead_letters = None
@@ -279,7 +325,12 @@ def run(args: argparse.Namespace) -> int:
                                           producer=producer)
     telemetry = Telemetry(log_every_s=args.log_every or None, dead_letters=dead_letters is not None)
     if args.metrics_port is not None:
-        port = telemetry.serve_http(args.metrics_port, args.metrics_host)
+        port = args.metrics_port
+        if ranks is not None and port:  # ranks on one machine: one port each, counted up from the one given
+            from amstream.serve.distributed import local_rank
+
+            port += local_rank()
+        port = telemetry.serve_http(port, args.metrics_host)
         log.info("metrics at http://%s:%d/metrics", args.metrics_host, port)
     if not args.checkpoint_dir:
         log.warning("no `--checkpoint-dir`: the model is not saved, and a restart starts a new one")
@@ -288,9 +339,12 @@ def run(args: argparse.Namespace) -> int:
     if source is None:
         from amstream.connectors.kafka import KafkaSource
 
+        # a rank polls at every tick; a short poll interval bounds how long a rebalance waits for a
+        # member that was killed (the group's rebalance timeout)
+        consumer_config = {"max_poll_interval_ms": 30000} if ranks is not None else {}
+        consumer_config.update(common.parse_key_values(args.consumer_config, "--consumer-config"))
         source = KafkaSource(topics, bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
-                             consumer_config=common.parse_key_values(args.consumer_config, "--consumer-config"),
-                             connect_attempts=1, bootstrap_timeout_ms=2000)
+                             consumer_config=consumer_config, connect_attempts=1, bootstrap_timeout_ms=2000)
     learner = model.learner
     log.info("serving %s %s (%s) from %s, batch %d, seed %d, device %s, threads %d",
              args.algo if learner is None else learner.config.algo,
@@ -298,8 +352,16 @@ def run(args: argparse.Namespace) -> int:
              "classes grown as labels appear" if model.grow_classes else "fixed classes",
              args.source or f"{','.join(topics)} @ {args.bootstrap_servers} (group {args.group_id})",
              args.batch_size, args.seed if learner is None else learner.config.seed, device, args.threads)
-    runner = Runner(engine, source, checkpoints=CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints)
-                    if args.checkpoint_dir else None, predictions=predictions, dead_letters=dead_letters,
+    writes = args.checkpoint_dir and (ranks is None or ranks.rank == 0)  # of a group, rank 0 writes
+    if ranks is None:
+        make_runner = Runner
+    else:
+        from amstream.serve.distributed import DistributedRunner
+
+        ranks.check_same(_facts(args, engine, topics))
+        make_runner = functools.partial(DistributedRunner, ranks=ranks, base=restored and restored[1])
+    runner = make_runner(engine, source, checkpoints=CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints)
+                    if writes else None, predictions=predictions, dead_letters=dead_letters,
                     events=telemetry, config=RunnerConfig(
                         checkpoint_every_batches=args.checkpoint_every_batches,
                         checkpoint_every_seconds=args.checkpoint_every_seconds, max_samples=args.max_samples,
@@ -340,9 +402,11 @@ def run(args: argparse.Namespace) -> int:
                   arch=None if learner is None else learner.config.arch_string(),
                   seed=args.seed if learner is None else learner.config.seed, device=str(device), threads=args.threads)
     acc = result["prequential_accuracy"]
+    group = (f"rank {ranks.rank} of {ranks.world_size} (the group: {result['group']['learned_samples']:,} samples "
+             f"learned in all, model {result['model_digest']}): ") if ranks is not None else ""
     common.emit(args, result, human=(
-        f"learned {result['learned_samples_this_run']:,} samples in this run ({result['learned_samples']:,} in all, "
-        f"{result['samples_per_second']:,.0f}/s), prequential accuracy "
+        f"{group}learned {result['learned_samples_this_run']:,} samples in this run ({result['learned_samples']:,} in "
+        f"all, {result['samples_per_second']:,.0f}/s), prequential accuracy "
         f"{'n/a' if acc is None else f'{acc:.4f}'}, {result['bad_messages']:,} bad messages"))
     if failure is not None:
         raise failure

@@ -8,8 +8,10 @@ source, and `Telemetry` (Prometheus metrics and log lines) fed by their events.
 
 Modules: `amstream.serve.engine` (records in, minibatches out, state; no threads, no broker),
 `amstream.serve.runner` (source lifecycle, prefetch thread, checkpoint schedule, signals,
-retries), `amstream.serve.telemetry` (metrics and logs). Importing this package imports torch,
-not Kafka.
+retries), `amstream.serve.telemetry` (metrics and logs); for several processes learning one
+model, `amstream.serve.lockstep` (what ranks agree on, the group's state; plain values) and
+`amstream.serve.distributed` (`DistributedRunner` over ``torch.distributed``, imported on its
+own). Importing this package imports torch, not Kafka.
 """
 from amstream.serve.engine import (
     STATE_KIND,

@@ -228,6 +228,12 @@ class Chunk:
         return Chunk(*(getattr(self, f)[s] for f in self._ARRAYS), keys=None if self.keys is None else self.keys[s])
 
     @staticmethod
+    def empty(n_features: int, classification: bool) -> "Chunk":
+        """No samples (a rank's share of a minibatch when it has none)."""
+        return Chunk(np.zeros((0, n_features), np.float32), np.zeros(0, np.int64 if classification else np.float64),
+                     np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32))
+
+    @staticmethod
     def concat(chunks: Sequence["Chunk"]) -> "Chunk":
         if len(chunks) == 1:
             return chunks[0]
@@ -270,6 +276,10 @@ class _Buffer:
 
     def peek_all(self) -> Optional[Chunk]:
         return Chunk.concat(list(self._chunks)) if self._chunks else None
+
+    def max_label(self) -> int:
+        """The largest buffered class label, -1 when none is buffered."""
+        return max((int(c.y.max()) for c in self._chunks if len(c)), default=-1)
 
 
 # ---- what the engine reports ------------------------------------------------------------------
@@ -490,6 +500,11 @@ class Engine:
         """A full minibatch is buffered."""
         return len(self._buffer) >= self.batch_size
 
+    @property
+    def max_label(self) -> int:
+        """The largest class label among the buffered samples (-1 when none is buffered)."""
+        return self._buffer.max_label()
+
     def has_taken(self, delivered: Mapping[TopicPartition, int]) -> bool:
         """Whether every record a source handed out (its ``snapshot()``) has been ingested."""
         return all(self.offsets.get(tp, off) == off for tp, off in delivered.items())
@@ -586,15 +601,21 @@ class Engine:
         c.bad_messages_this_run += len(rejections)
 
     # ---- learning -------------------------------------------------------------------------------
-    def learn(self) -> Step:
-        """Learn the next minibatch: ``batch_size`` samples, or all buffered ones when fewer."""
-        if not len(self._buffer):
+    def learn(self, *, allow_empty: bool = False) -> Step:
+        """Learn the next minibatch: ``batch_size`` samples, or all buffered ones when fewer.
+
+        ``allow_empty``: with nothing buffered, call the learner with no samples all the same
+        (one rank of several, `amstream.serve.distributed`: it joins the update of the others'
+        samples); the `Step` then has ``batch == 0``.
+        """
+        learner = self.model.learner
+        if not len(self._buffer) and not (allow_empty and learner is not None):
             raise ConfigError("nothing to learn: no samples are buffered")
-        chunk = self._buffer.take(self.batch_size)
+        assert learner is not None
+        chunk = (self._buffer.take(self.batch_size) if len(self._buffer)
+                 else Chunk.empty(learner.n_inputs, self.prequential.classification))
         n = len(chunk)
         grown = self.model.fit_labels(chunk.y) if self.prequential.classification else None
-        learner = self.model.learner
-        assert learner is not None
         x, y = torch.from_numpy(chunk.X), torch.from_numpy(chunk.y)
         t0 = time.perf_counter()
         update = learner.learn(x, y)
@@ -605,7 +626,8 @@ class Engine:
         else:
             pred, correct = out, 0
         seconds = time.perf_counter() - t0
-        self.prequential.update(n, correct, float(update.loss) * n)
+        if n:
+            self.prequential.update(n, correct, float(update.loss) * n)
         c = self.counters
         th = np.asarray(self._topic_hash, dtype=np.uint64)[chunk.topic]
         h = key_hashes(th, chunk.partition, chunk.offset, chunk.index)
@@ -617,7 +639,7 @@ class Engine:
         self.dirty = True
         p = self.prequential
         step = Step(
-            batch=n, loss=float(update.loss), accuracy=correct / n if p.classification else math.nan,
+            batch=n, loss=float(update.loss), accuracy=correct / n if p.classification and n else math.nan,
             learned_samples=c.learned_samples, learned_samples_this_run=c.learned_samples_this_run,
             prequential_accuracy=p.accuracy, window_accuracy=p.window_accuracy, window_loss=p.window_loss,
             bad_messages=c.bad_messages, model_step=learner.n_updates, seconds=seconds, grown=grown,

@@ -202,16 +202,18 @@ class _Feed:
         self.source = runner.source
         self.halt = threading.Event()  # stop polling (set by the runner's stop, or at shutdown)
         self.poll_started: Optional[float] = None  # monotonic start of the poll in progress
+        self.retry_window_s: Optional[float] = None  # give a transient error back as "no records" after this long
         self._backoff = Backoff(runner.config.retry_initial_s, max(runner.config.retry_initial_s,
                                                                      runner.config.retry_max_s))
 
-    def poll(self, max_records: int) -> List[_Item]:
+    def poll(self, max_records: int, timeout_ms: Optional[int] = None) -> List[_Item]:
         runner, source = self.runner, self.source
+        wait_ms = runner.config.poll_timeout_ms if timeout_ms is None else timeout_ms
 
         def attempt() -> List[Record]:
             self.poll_started = time.monotonic()
             try:
-                return source.next_batch(max_records=max_records, timeout_ms=runner.config.poll_timeout_ms)
+                return source.next_batch(max_records=max_records, timeout_ms=wait_ms)
             finally:
                 self.poll_started = None
 
@@ -220,13 +222,15 @@ class _Feed:
 
         try:
             records = retry(attempt, transient=_is_transient, backoff=self._backoff, stop=self.halt,
-                            on_retry=on_retry)
+                            on_retry=on_retry, timeout_s=self.retry_window_s)
         except Stopped:
             return []
         except OffsetRewindError as exc:  # the source restarted a partition below our offset: accept it
             source.seek({exc.partition: exc.offset})
             return [_Rewind(exc.partition, exc.offset, exc.expected, "reset")]
         except Exception as exc:
+            if _is_transient(exc):  # retried for `retry_window_s`: the next poll tries again
+                return []
             return [_Failure(exc)]
         return [records] if records else []
 
@@ -260,10 +264,10 @@ class _DirectFeed(_Feed):
     def start(self) -> None:
         pass
 
-    def take(self) -> List[Record]:
+    def take(self, timeout_ms: Optional[int] = None) -> List[Record]:
         runner = self.runner
         t0 = time.perf_counter()
-        items = self.poll(runner.poll_size())
+        items = self.poll(runner.poll_size(), timeout_ms)
         runner.timers.poll += time.perf_counter() - t0
         return runner.process(items)
 
@@ -779,12 +783,12 @@ class Runner:
             return True
         return False
 
-    def _learn(self) -> Step:
+    def _learn(self, *, allow_empty: bool = False) -> Step:
         with self.lock:
-            step = self.engine.learn()
+            step = self.engine.learn(allow_empty=allow_empty)
             self.timers.learn += step.seconds
             self._last_learn = time.monotonic()
-            if self.predictions is not None:
+            if self.predictions is not None and step.batch:
                 t0 = time.perf_counter()
                 values = encode_predictions(step, self.engine.topics)
                 self.predictions.write_batch(values, step.chunk.keys)
@@ -838,9 +842,7 @@ class Runner:
     def _shutdown(self) -> None:
         feed, timeout = self._feed, self.config.shutdown_timeout_s
         clean = feed is None or feed.stop(timeout)  # from here on this thread owns the source
-        with self.lock:
-            saved = self._checkpointer.save("shutdown") if self.engine.dirty else True
-            offsets = dict(self.engine.offsets)
+        saved, offsets = self._final_checkpoint()
         if not clean:  # its poll never returned: the client is unusable; leave it to the process exit
             self._fail(StreamError(f"the source's poll did not return within {timeout:g} s of the stop: "
                                    "not committing, not closing it", transient=False))
@@ -852,6 +854,12 @@ class Runner:
             except Exception as exc:  # the state is checkpointed; the group takes the partitions back anyway
                 self.events.after_checkpoint_failed("close", exc)
         self.events.after_stop(self.summary())
+
+    def _final_checkpoint(self) -> tuple:
+        """``(saved, offsets)``: checkpoint what is not saved yet; whether the offsets are covered."""
+        with self.lock:
+            saved = self._checkpointer.save("shutdown") if self.engine.dirty else True
+            return saved, dict(self.engine.offsets)
 
     # ---- internals: status --------------------------------------------------------------------------
     def _active_seconds(self) -> float:
