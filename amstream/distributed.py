@@ -25,6 +25,7 @@ nccl on GPUs.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Sequence
 
@@ -37,16 +38,26 @@ from amstream.exceptions import ConfigError
 __all__ = ["Reducer", "attach", "init_from_env", "rank", "world_size"]
 
 
-def init_from_env(backend: str | None = None) -> None:
+def init_from_env(backend: str | None = None, *, timeout: datetime.timedelta | None = None) -> None:
     """``init_process_group`` from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
-    gloo on CPUs, nccl where CUDA is available, unless ``backend`` says otherwise."""
+    gloo on CPUs, nccl where CUDA is available, unless ``backend`` says otherwise.
+
+    The keys go into a namespace of this torchrun attempt: torchrun shares its rendezvous store
+    with the workers and keeps it over restarts (``--max-restarts``), and without a namespace a
+    restarted group reads the addresses its killed predecessors left there and cannot connect
+    (pytorch/pytorch#135712)."""
     if dist.is_initialized():
         return
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ConfigError(f"not launched by torchrun: {', '.join(f'`{k}`' for k in missing)} not set "
                           "(run `torchrun --nproc-per-node N .venv/bin/amstream serve --distributed ...`)")
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    timeout = timeout or datetime.timedelta(minutes=10)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                            store=dist.PrefixStore(f"amstream/attempt-{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 def rank() -> int:

@@ -159,25 +159,10 @@ def join_group(*, timeout_s: float = 120.0, overlap: bool = True, grace_s: float
     default backend (nccl where CUDA is available), both with ``timeout_s``."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        _init_this_attempt(timeout)
+        distributed.init_from_env(timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
     model_group = control if dist.get_backend() == "gloo" else dist.new_group(timeout=timeout)
     return Ranks(control, model_group, overlap=overlap, grace_s=grace_s)
-
-
-def _init_this_attempt(timeout: datetime.timedelta) -> None:
-    """``init_process_group`` as `amstream.distributed.init_from_env` does it, with the keys in a
-    namespace of this torchrun attempt. torchrun shares its rendezvous store with the workers and
-    keeps it over restarts (`--max-restarts`); without a namespace a restarted group reads the
-    addresses its killed predecessors left there and cannot connect (pytorch/pytorch#135712)."""
-    try:
-        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    except ValueError:  # an environment variable is missing: not launched by torchrun
-        distributed.init_from_env()  # raises the error that says how to launch
-        raise
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.PrefixStore(
-        f"amstream.serve/attempt-{attempt}", store), rank=rank, world_size=world_size, timeout=timeout)
 
 
 def restore(ranks: Ranks, directory: Optional[str]) -> Optional[Dict[str, Any]]:
