@@ -59,7 +59,6 @@ class Backend:
         against ``u`` ([B, 1] for [B, n] codes, [B, 1, 1, 1] for feature maps)."""
         raise NotImplementedError
 
-    def colsum(self, r): raise NotImplementedError
     def colsum_into(self, out, r) -> None: raise NotImplementedError
     def append_ones(self, a):
         """``[a, 1]``: a column of ones after the last column of a [B, n]."""
@@ -125,7 +124,6 @@ class _Numpy(Backend):
             return (flat @ flat.T).reshape((1,) * u.ndim)
         return np.einsum("ij,ij->i", flat, flat).reshape((len(u),) + (1,) * (u.ndim - 1))
 
-    def colsum(self, r): return np.add.reduce(r, axis=0)
     def colsum_into(self, out, r): np.add.reduce(r, axis=0, out=out)
 
     def append_ones(self, a):
@@ -194,7 +192,6 @@ class _Torch(Backend):
         dims = tuple(range(1, u.dim()))
         return torch.linalg.vector_norm(u, dim=dims, keepdim=True).square_()
 
-    def colsum(self, r): return r.sum(0)
     def colsum_into(self, out, r): torch.sum(r, 0, out=out)
 
     def append_ones(self, a):
