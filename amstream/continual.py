@@ -49,6 +49,8 @@ __all__ = [
     "summarize",
     "iter_continual",
     "evaluate_task",
+    "accuracy",
+    "training_order",
     "plot_accuracy_matrix",
 ]
 
@@ -284,23 +286,38 @@ def _task_mask(tasks: Sequence[Task], n_outputs: int) -> Any:
     return mask
 
 
+def accuracy(learner: Any, x: Any, y: Any, *, classes: Sequence[int] | None = None, batch_size: int = 1000) -> float:
+    """Accuracy of ``learner`` on samples ``x`` [n, d], labels ``y`` [n] (torch tensors), in
+    minibatches of ``batch_size``; with ``classes`` the prediction is the best of those outputs
+    only (task-aware). Every continual score of amstream (`evaluate_task`, serve's continual
+    metrics) is this function."""
+    import torch
+
+    cols = None if classes is None else torch.as_tensor(list(classes))
+    correct = 0
+    for s in range(0, len(y), batch_size):
+        logits = learner.forward(x[s:s + batch_size])
+        pred = logits.argmax(1).cpu() if cols is None else cols[logits[:, cols].argmax(1).cpu()]
+        correct += int((pred == y[s:s + batch_size]).sum())
+    return correct / max(len(y), 1)
+
+
+def training_order(n: int, *, seed: int, task: int, epoch: int = 0) -> np.ndarray:
+    """The order in which the ``n`` training samples of ``task`` are learned in ``epoch``:
+    ``numpy.random.default_rng([seed, task, epoch]).permutation(n)``. `iter_continual` trains in
+    this order and ``amstream produce --benchmark`` writes a task sequence in it, so a served
+    sequence forms the minibatches of the loop."""
+    return np.random.default_rng([seed, task, epoch]).permutation(n)
+
+
 def evaluate_task(learner: Any, task: Task, *, task_aware: bool = False, batch_size: int = 1000,
                   n_outputs: int | None = None) -> float:
     """Accuracy of ``learner`` on ``task``'s test split (task-aware: among its classes only)."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(task.inputs("test")))
-    y = torch.from_numpy(task.y_test)
-    cols = torch.tensor(task.classes)
-    correct = 0
-    for s in range(0, len(y), batch_size):
-        logits = learner.forward(x[s:s + batch_size])
-        if task_aware:
-            pred = cols[logits[:, cols].argmax(1).cpu()]
-        else:
-            pred = logits.argmax(1).cpu()
-        correct += int((pred == y[s:s + batch_size]).sum())
-    return correct / max(len(y), 1)
+    return accuracy(learner, x, torch.from_numpy(task.y_test), classes=task.classes if task_aware else None,
+                    batch_size=batch_size)
 
 
 def iter_continual(
@@ -316,8 +333,7 @@ def iter_continual(
 ) -> Iterator[dict[str, Any]]:
     """Train ``learner`` on ``tasks[start:]`` in order; after each, test on every task.
 
-    Each task's training data is shuffled anew every epoch by
-    ``numpy.random.default_rng([seed, task, epoch])``, so a run that stops after task i
+    Each task's training data is shuffled anew every epoch (`training_order`), so a run that stops after task i
     and resumes (``start=i + 1``, learner restored from its ``state_dict``) sees exactly
     the minibatches of an uninterrupted run. Training ignores the task id (one shared
     head); ``task_aware`` only restricts the test predictions to each task's classes.
@@ -338,7 +354,7 @@ def iter_continual(
         perm = None if task.permutation is None else torch.from_numpy(task.permutation)
         losses = []
         for epoch in range(epochs):
-            order = torch.from_numpy(np.random.default_rng([seed, t, epoch]).permutation(task.n_train))
+            order = torch.from_numpy(training_order(task.n_train, seed=seed, task=t, epoch=epoch))
             for s in range(0, task.n_train, batch_size):
                 idx = order[s:s + batch_size]
                 xb = x_all[idx] if perm is None else x_all[idx][:, perm]

@@ -10,16 +10,17 @@ Formats
 ``json`` (`JsonCodec`)
     A UTF-8 JSON object ``{"x": [0.5, -1.0, ...], "y": 3}``. ``"y"`` may be absent
     or ``null`` (unlabelled); an optional ``"key"`` string is used when the record
-    has no key of its own; other fields are ignored. Class labels may be written as
-    integral floats (``3.0``).
+    has no key of its own; an optional ``"task"`` (a non-negative integer) names the
+    task of a continual sequence the sample belongs to; other fields are ignored. Class
+    labels may be written as integral floats (``3.0``).
 
 ``binary`` (`BinaryCodec`), version 1, little-endian, ``20 + 4 * n_features`` bytes::
 
     offset  size  field
     0       3     magic  b"AMS"
-    3       1     version, uint8 = 1
+    3       1     version, uint8 = 1, or 2 for a sample that names its task
     4       1     label kind, uint8: 0 = no label, 1 = class index (int64), 2 = real target (float64)
-    5       3     reserved, must be zero
+    5       3     version 1: reserved, must be zero; version 2: the task id, uint24
     8       4     n_features, uint32
     12      8     label: int64 (kind 1) or float64 (kind 2); zero for kind 0
     20      4*n   features, float32
@@ -42,8 +43,9 @@ Every rejected message gets exactly one reason, the first that applies in this o
 
 =====================  =====================================================================
 ``oversize``           longer than ``max_bytes``
-``malformed``          not JSON / not an object / no ``x`` list; bad magic, version, reserved
-                       bytes or a length that does not match the header; undecodable text
+``malformed``          not JSON / not an object / no ``x`` list / a ``task`` that is not a
+                       non-negative integer; bad magic, version, reserved bytes or a length
+                       that does not match the header; undecodable text
 ``feature_count``      ``len(x) != n_features``
 ``non_numeric``        a feature that is not a number (string, bool, null, list, ...)
 ``non_finite``         a feature (or a real target) that is NaN or infinite as float32
@@ -141,10 +143,13 @@ REASONS = (
 # ---- binary layout ----------------------------------------------------------------------------
 MAGIC = b"AMS"
 VERSION = 1
+VERSION_TASK = 2  # the same layout, the reserved bytes holding the sample's task id
+MAX_TASK = (1 << 24) - 1
 HEADER_SIZE = 20
 KIND_NONE, KIND_CLASS, KIND_REAL = 0, 1, 2
 _HEADER = struct.Struct("<3sBB3sIq")  # magic, version, kind, reserved, n_features, label bits
 _MAGIC_VERSION = int.from_bytes(MAGIC + bytes([VERSION]), "little")
+_MAGIC_VERSION_TASK = int.from_bytes(MAGIC + bytes([VERSION_TASK]), "little")
 
 DEFAULT_MAX_BYTES = 1 << 20  # Kafka's default max.message.bytes is about this
 _JSON_DECODER = json.JSONDecoder()
@@ -190,6 +195,11 @@ class DecodedBatch:
     index: np.ndarray  # int64 [n_accepted]: position in the input of the message each sample came from
     labelled: np.ndarray  # bool [n_accepted]
     rejections: List[Rejection] = field(default_factory=list)
+    task: Optional[np.ndarray] = None  # int64 [n_accepted]: the task id a sample names, -1 where none
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            object.__setattr__(self, "task", np.full(len(self.X), -1, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
@@ -267,9 +277,10 @@ class Codec:
         return self.encode_many(X, None if y is None else [y], keys=None if key is None else [key])[0]
 
     def encode_many(
-        self, X: Any, y: Any = None, *, keys: Optional[Sequence[Optional[bytes]]] = None
+        self, X: Any, y: Any = None, *, keys: Optional[Sequence[Optional[bytes]]] = None, tasks: Any = None
     ) -> List[bytes]:
-        """Encode rows of ``X`` (with labels ``y`` or none) into one message each."""
+        """Encode rows of ``X`` (with labels ``y`` or none, task ids ``tasks`` or none) into
+        one message each."""
         raise NotImplementedError
 
     def decode_one(self, value: Value, key: Optional[bytes] = None) -> Sample:
@@ -325,6 +336,15 @@ class Codec:
             raise ValueError(f"class labels must be integers, got dtype `{arr.dtype}`")
         return arr.astype(np.int64)
 
+    @staticmethod
+    def _tasks_for_encoding(tasks: Any, n: int) -> Optional[np.ndarray]:
+        if tasks is None:
+            return None
+        arr = np.asarray(tasks)
+        if arr.shape != (n,) or arr.dtype.kind not in "iu" or (n and (arr.min() < 0 or arr.max() > MAX_TASK)):
+            raise ValueError(f"`tasks` must be {n} integers in [0, {MAX_TASK}]")
+        return arr.astype(np.int64)
+
     def _check_features(self, X: Any) -> np.ndarray:
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features:
@@ -368,6 +388,7 @@ class Codec:
         labelled: np.ndarray,
         keys: List[Optional[bytes]],
         rejections: List[Rejection],
+        task: Optional[np.ndarray] = None,
     ) -> DecodedBatch:
         rejections.sort(key=lambda r: r.index)
         return DecodedBatch(
@@ -377,6 +398,7 @@ class Codec:
             index=rows_index.astype(np.int64, copy=False),
             labelled=labelled,
             rejections=rejections,
+            task=task,
         )
 
     def _non_finite_detail(self, row: np.ndarray) -> str:
@@ -391,6 +413,7 @@ class Codec:
         cand_labels: List[Tuple[Optional[str], str, Union[int, float, None]]],
         cand_keys: List[Optional[bytes]],
         rejections: List[Rejection],
+        cand_tasks: Optional[List[int]] = None,
     ) -> DecodedBatch:
         """Shared tail of the text codecs: rows of numbers (already type-checked) -> arrays,
         then finiteness, then the label verdicts, in the documented order of reasons."""
@@ -441,6 +464,7 @@ class Codec:
             labelled[keep],
             [cand_keys[i] for i in keep],
             rejections,
+            None if cand_tasks is None else np.asarray(cand_tasks, dtype=np.int64)[keep],
         )
 
 
@@ -460,11 +484,13 @@ class JsonCodec(Codec):
     name = "json"
 
     def encode_many(
-        self, X: Any, y: Any = None, *, keys: Optional[Sequence[Optional[bytes]]] = None
+        self, X: Any, y: Any = None, *, keys: Optional[Sequence[Optional[bytes]]] = None, tasks: Any = None
     ) -> List[bytes]:
         X = self._check_features(X)
         n = X.shape[0]
         labels = self._labels_for_encoding(y, n)
+        task_ids = self._tasks_for_encoding(tasks, n)
+        ts = [None] * n if task_ids is None else task_ids.tolist()
         X32 = X.astype(np.float32)
         rows = X32.tolist()
         finite = np.isfinite(X32).all(axis=1).tolist()
@@ -473,7 +499,7 @@ class JsonCodec(Codec):
         fmt = "[" + ",".join([_FLOAT32_FMT] * self.n_features) + "]"
         dumps = json.dumps
         out = []
-        for row, ok, label, key in zip(rows, finite, ys, ks):
+        for row, ok, label, key, task in zip(rows, finite, ys, ks, ts):
             # "%.9g" round-trips every finite float32 and is ~4x faster than json's 17-digit repr;
             # rows with NaN/inf (for producing bad messages on purpose) take json's NaN/Infinity
             parts = ['{"x":', fmt % tuple(row) if ok else dumps(row)]
@@ -482,6 +508,8 @@ class JsonCodec(Codec):
             if key is not None:
                 k = key.decode("utf-8") if isinstance(key, (bytes, bytearray)) else str(key)
                 parts += [',"key":', dumps(k)]
+            if task is not None:
+                parts += [',"task":', str(task)]
             parts.append("}")
             out.append("".join(parts).encode("utf-8"))
         return out
@@ -499,6 +527,7 @@ class JsonCodec(Codec):
         cand_rows: List[Any] = []
         cand_labels: List[Tuple[Optional[str], str, Union[int, float, None]]] = []
         cand_keys: List[Optional[bytes]] = []
+        cand_tasks: List[int] = []
         for i, v in enumerate(values):
             if len(v) > max_bytes:
                 rejections.append(
@@ -538,6 +567,15 @@ class JsonCodec(Codec):
                     )
                     continue
                 key = k.encode("utf-8")
+            task = obj.get("task")
+            if task is None:
+                task = -1
+            elif type(task) is float and task.is_integer() and 0 <= task <= MAX_TASK:
+                task = int(task)
+            elif type(task) is not int or not 0 <= task <= MAX_TASK:
+                rejections.append(Rejection(i, MALFORMED, f"field `task` must be an integer in [0, {MAX_TASK}], "
+                                                          f"got `{_fmt(task)}`"))
+                continue
             if len(x) != d:
                 rejections.append(Rejection(i, FEATURE_COUNT, f"expected `{d}` features, got `{len(x)}`"))
                 continue
@@ -549,7 +587,8 @@ class JsonCodec(Codec):
             cand_rows.append(x)
             cand_labels.append(self._label(obj.get("y")))
             cand_keys.append(key)
-        return self._finish_python_rows(n, cand_index, cand_rows, cand_labels, cand_keys, rejections)
+            cand_tasks.append(task)
+        return self._finish_python_rows(n, cand_index, cand_rows, cand_labels, cand_keys, rejections, cand_tasks)
 
     @classmethod
     def sniff_n_features(cls, value: Value) -> Optional[int]:
@@ -610,8 +649,10 @@ class BinaryCodec(Codec):
         *,
         keys: Optional[Sequence[Optional[bytes]]] = None,
         samples_per_message: int = 1,
+        tasks: Any = None,
     ) -> List[bytes]:
-        """One message per row, or per ``samples_per_message`` rows (the last may hold fewer)."""
+        """One message per row, or per ``samples_per_message`` rows (the last may hold fewer);
+        with ``tasks``, version-2 headers that carry each sample's task id."""
         X = self._check_features(X)
         if not isinstance(samples_per_message, int) or samples_per_message < 1:
             raise ValueError(f"`samples_per_message` must be an int >= 1, got `{samples_per_message!r}`")
@@ -622,7 +663,7 @@ class BinaryCodec(Codec):
             )
         labels = self._labels_for_encoding(y, X.shape[0])
         kind = KIND_NONE if labels is None else (KIND_CLASS if self.n_classes is not None else KIND_REAL)
-        return _encode_binary(X, labels, kind, samples_per_message)
+        return _encode_binary(X, labels, kind, samples_per_message, self._tasks_for_encoding(tasks, X.shape[0]))
 
     @classmethod
     def sniff_n_features(cls, value: Value) -> Optional[int]:
@@ -657,9 +698,9 @@ class BinaryCodec(Codec):
     def _header_reason(magic: bytes, version: int, reserved: bytes) -> str:
         if magic != MAGIC:
             return f"bad magic `{magic!r}`, expected `{MAGIC!r}`"
-        if version != VERSION:
-            return f"unsupported version `{version}`, expected `{VERSION}`"
-        if reserved != b"\0\0\0":
+        if version not in (VERSION, VERSION_TASK):
+            return f"unsupported version `{version}`, expected `{VERSION}` or `{VERSION_TASK}`"
+        if version == VERSION and reserved != b"\0\0\0":
             return f"reserved bytes `{reserved!r}` are not zero"
         return ""
 
@@ -714,7 +755,9 @@ class BinaryCodec(Codec):
         X = rec["x"]
         code[~np.isfinite(X).all(axis=1)] = C_FIN
         code[rec["n"] != d] = C_MAL  # the length fits `d` features, so the header disagrees with it
-        code[(rec["magic_version"] != _MAGIC_VERSION) | (rec["kind_reserved"] >> 8 != 0)] = C_MAL
+        with_task = rec["magic_version"] == _MAGIC_VERSION_TASK
+        code[~with_task & ((rec["magic_version"] != _MAGIC_VERSION) | (rec["kind_reserved"] >> 8 != 0))] = C_MAL
+        task = np.where(with_task, (rec["kind_reserved"] >> 8).astype(np.int64), -1)
 
         bad = np.flatnonzero(code)
         if len(bad):
@@ -723,7 +766,7 @@ class BinaryCodec(Codec):
                     self._fast_rejection(int(msg_of[j]), int(code[j]), rec[j], buf[j * L : j * L + HEADER_SIZE])
                 )
             keep = np.flatnonzero(code == 0)
-            X, y, labelled, index = X[keep], y[keep], labelled[keep], msg_of[keep]
+            X, y, labelled, index, task = X[keep], y[keep], labelled[keep], msg_of[keep], task[keep]
         else:
             index = msg_of
         key_list: List[Optional[bytes]]
@@ -733,7 +776,7 @@ class BinaryCodec(Codec):
             key_list = list(keys)
         else:
             key_list = [keys[i] for i in index.tolist()]
-        return self._assemble(n, X, index, y, labelled, key_list, rejections)
+        return self._assemble(n, X, index, y, labelled, key_list, rejections, task)
 
     def _fast_rejection(self, i: int, code: int, rec: Any, header: bytes) -> Rejection:
         magic, version, kind, reserved, n_feat, _ = _HEADER.unpack_from(header)
@@ -761,13 +804,17 @@ class BinaryCodec(Codec):
         return Rejection(i, LABEL_OUT_OF_RANGE, f"label `{value!r}` is outside `[0, {self.n_classes})`")
 
 
-def _encode_binary(X: np.ndarray, labels: Optional[np.ndarray], kind: int, per_message: int = 1) -> List[bytes]:
+def _encode_binary(X: np.ndarray, labels: Optional[np.ndarray], kind: int, per_message: int = 1,
+                   tasks: Optional[np.ndarray] = None) -> List[bytes]:
     n, d = X.shape
     L = HEADER_SIZE + 4 * d
     out = np.zeros((n, L), dtype=np.uint8)
     out[:, 0:3] = np.frombuffer(MAGIC, dtype=np.uint8)
     out[:, 3] = VERSION
     out[:, 4] = kind
+    if tasks is not None:
+        out[:, 3] = VERSION_TASK
+        out[:, 5:8] = tasks.astype("<u4").view(np.uint8).reshape(n, 4)[:, :3]
     out[:, 8:12] = np.frombuffer(struct.pack("<I", d), dtype=np.uint8)
     if labels is not None:
         out[:, 12:20] = labels.astype("<i8" if kind == KIND_CLASS else "<f8").view(np.uint8).reshape(n, 8)
@@ -777,24 +824,26 @@ def _encode_binary(X: np.ndarray, labels: Optional[np.ndarray], kind: int, per_m
     return [buf[i : i + step] for i in range(0, n * L, step)]
 
 
-def encode_binary_rows(X: Any, y: Any = None) -> List[bytes]:
+def encode_binary_rows(X: Any, y: Any = None, tasks: Any = None) -> List[bytes]:
     """Binary messages for rows of ``X``, the label kind taken from ``y``'s dtype (integers:
     class index, floats: real target), without validation: NaN, out-of-range or non-integral
     labels encode as they are, for the decoder to reject with a reason. Used for arrays read
-    from files (NPZ) so that they go through the same validation as messages.
+    from files (NPZ) so that they go through the same validation as messages. ``tasks``: each
+    row's task id (version-2 headers).
     """
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"`X` must be 2-D, got shape `{X.shape}`")
+    task_ids = Codec._tasks_for_encoding(tasks, X.shape[0])
     if y is None:
-        return _encode_binary(X, None, KIND_NONE)
+        return _encode_binary(X, None, KIND_NONE, tasks=task_ids)
     labels = np.asarray(y)
     if labels.shape != (X.shape[0],):
         raise ValueError(f"`y` must have shape `({X.shape[0]},)`, got `{labels.shape}`")
     if labels.dtype.kind in "iub":
-        return _encode_binary(X, labels.astype(np.int64), KIND_CLASS)
+        return _encode_binary(X, labels.astype(np.int64), KIND_CLASS, tasks=task_ids)
     if labels.dtype.kind == "f":
-        return _encode_binary(X, labels.astype(np.float64), KIND_REAL)
+        return _encode_binary(X, labels.astype(np.float64), KIND_REAL, tasks=task_ids)
     raise ValueError(f"labels must be numeric, got dtype `{labels.dtype}`")
 
 
@@ -847,8 +896,10 @@ class CsvCodec(Codec):
         self.n_fields = n_fields
 
     def encode_many(
-        self, X: Any, y: Any = None, *, keys: Optional[Sequence[Optional[bytes]]] = None
+        self, X: Any, y: Any = None, *, keys: Optional[Sequence[Optional[bytes]]] = None, tasks: Any = None
     ) -> List[bytes]:
+        if tasks is not None:
+            raise ValueError("CSV lines carry no task id: use the JSON or binary codec")
         X = self._check_features(X)
         n = X.shape[0]
         labels = self._labels_for_encoding(y, n)
@@ -944,8 +995,9 @@ class AutoCodec(Codec):
         *,
         keys: Optional[Sequence[Optional[bytes]]] = None,
         samples_per_message: int = 1,
+        tasks: Any = None,
     ) -> List[bytes]:
-        return self.binary.encode_many(X, y, keys=keys, samples_per_message=samples_per_message)
+        return self.binary.encode_many(X, y, keys=keys, samples_per_message=samples_per_message, tasks=tasks)
 
     @classmethod
     def sniff_n_features(cls, value: Value) -> Optional[int]:
@@ -977,6 +1029,7 @@ class AutoCodec(Codec):
             np.concatenate([b.labelled for _, b in parts])[order],
             [keys_all[i] for i in order.tolist()],
             rejections,
+            np.concatenate([b.task for _, b in parts])[order],
         )
 
 

@@ -9,8 +9,9 @@ messages from Kafka:
 * ``.jsonl`` / ``.ndjson``: each line, as is (`JsonCodec`);
 * ``.csv`` (and ``.tsv``, tab-separated): each line (`CsvCodec`); the label is the column
   ``label_column`` (an index, or a name from the header), or none;
-* ``.npz``: arrays ``X`` (2-D) and optionally ``y``; each row becomes one binary message
-  (`BinaryCodec`), its label kind taken from ``y``'s dtype.
+* ``.npz``: arrays ``X`` (2-D), optionally ``y`` and ``task`` (each row's task id, for continual
+  sequences); each row becomes one binary message (`BinaryCodec`), its label kind taken from
+  ``y``'s dtype.
 
 Blank lines are skipped but keep their row index. Files are read lazily, line by line (NPZ is
 loaded whole). Nothing is opened until the first `next_batch`, `seek`, or `codec` access.
@@ -94,8 +95,9 @@ class FileSource(FixedPartitionSource):
     header
         CSV only: whether the first line is a header; ``None``: it is when none of its fields
         is a number.
-    x_key, y_key
-        NPZ only: the arrays' names (``y_key`` may be absent from the file: unlabelled).
+    x_key, y_key, task_key
+        NPZ only: the arrays' names (``y_key`` may be absent from the file: unlabelled;
+        ``task_key`` too: no task ids).
     topic
         Name in records and offsets; default: the file's name.
     require_label, max_bytes
@@ -113,6 +115,7 @@ class FileSource(FixedPartitionSource):
         header: Optional[bool] = None,
         x_key: str = "X",
         y_key: str = "y",
+        task_key: str = "task",
         topic: Optional[str] = None,
         require_label: bool = True,
         max_bytes: int = DEFAULT_MAX_BYTES,
@@ -134,6 +137,7 @@ class FileSource(FixedPartitionSource):
         self.header = header
         self.x_key = x_key
         self.y_key = y_key
+        self.task_key = task_key
         self.topic = topic if topic is not None else self.path.name
         self.require_label = require_label
         self.max_bytes = max_bytes
@@ -149,6 +153,7 @@ class FileSource(FixedPartitionSource):
         self._n_rows: Optional[int] = None
         self._X: Optional[np.ndarray] = None
         self._y: Optional[np.ndarray] = None
+        self._task: Optional[np.ndarray] = None
 
     def __repr__(self) -> str:
         return f"FileSource({str(self.path)!r}, format={self.format!r}, row={self._row})"
@@ -180,6 +185,7 @@ class FileSource(FixedPartitionSource):
                 )
             X = np.asarray(data[self.x_key])
             y = np.asarray(data[self.y_key]) if self.y_key in data.files else None
+            task = np.asarray(data[self.task_key]) if self.task_key in data.files else None
         if X.ndim != 2:
             raise ConfigError(f"array `{self.x_key}` of `{self.path}` must be 2-D, got shape `{X.shape}`")
         if y is not None and y.shape != (X.shape[0],):
@@ -188,7 +194,11 @@ class FileSource(FixedPartitionSource):
             )
         if self.n_features is None:
             self.n_features = int(X.shape[1])
-        self._X, self._y = X, y
+        if task is not None and (task.shape != (X.shape[0],) or task.dtype.kind not in "iu"
+                                 or (len(task) and task.min() < 0)):
+            raise ConfigError(f"array `{self.task_key}` of `{self.path}` must hold `{X.shape[0]}` non-negative "
+                              f"integers (task ids), got shape `{task.shape}`, dtype `{task.dtype}`")
+        self._X, self._y, self._task = X, y, task
         self._n_rows = int(X.shape[0])
         self._codec = BinaryCodec(
             self.n_features, self.n_classes, require_label=self.require_label, max_bytes=self.max_bytes
@@ -289,7 +299,8 @@ class FileSource(FixedPartitionSource):
             start, stop = self._row, min(self._n_rows, self._row + max_records)
             if start < stop:
                 values = encode_binary_rows(
-                    self._X[start:stop], None if self._y is None else self._y[start:stop]
+                    self._X[start:stop], None if self._y is None else self._y[start:stop],
+                    None if self._task is None else self._task[start:stop],
                 )
                 out = [Record(topic, 0, start + i, None, v) for i, v in enumerate(values)]
             self._row = stop
@@ -382,4 +393,4 @@ class FileSource(FixedPartitionSource):
             self._fh.close()
             self._fh = None
         self._opened = False
-        self._X = self._y = None
+        self._X = self._y = self._task = None

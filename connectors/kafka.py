@@ -894,9 +894,10 @@ def produce_samples(
     samples_per_message: int = 1,
     producer: Optional[KafkaProducer] = None,
     chunk_size: int = 10000,
+    tasks: Any = None,
     **producer_config: Any,
 ) -> int:
-    """Encode rows of ``X`` (labels ``y``) with ``codec`` and send them; flushes.
+    """Encode rows of ``X`` (labels ``y``, task ids ``tasks``) with ``codec`` and send them; flushes.
 
     One message per row, or per ``samples_per_message`` rows with the binary codec (a packed
     message's key is its first row's). Returns the number of messages delivered; raises
@@ -921,6 +922,8 @@ def produce_samples(
     try:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
+            if tasks is not None:
+                encode_kw["tasks"] = tasks[start:stop]
             values = codec.encode_many(X[start:stop], None if y is None else y[start:stop], **encode_kw)
             sink.write_batch(values, None if keys is None else keys[start:stop:samples_per_message])
         sink.flush()

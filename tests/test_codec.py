@@ -124,7 +124,7 @@ BINARY_CASES = [
     (binary_message(GOOD) + b"\0" * 1000, "oversize", "message of `1040` bytes exceeds `max_bytes=100`"),
     (b"AMS\x01", "malformed", "message of `4` bytes is shorter than the 20-byte header"),
     (binary_message(GOOD, magic=b"XYZ"), "malformed", "bad magic `b'XYZ'`, expected `b'AMS'`"),
-    (binary_message(GOOD, version=2), "malformed", "unsupported version `2`, expected `1`"),
+    (binary_message(GOOD, version=3), "malformed", "unsupported version `3`, expected `1` or `2`"),
     (binary_message(GOOD, reserved=b"\0\1\0"), "malformed", "reserved bytes `b'\\x00\\x01\\x00'` are not zero"),
     (binary_message(GOOD, n=4), "malformed", "length `40` does not match the header's `4` features (`36` bytes)"),
     (binary_message(GOOD)[:-2], "malformed", "length `38` does not match the header's `5` features (`40` bytes)"),

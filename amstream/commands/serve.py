@@ -26,6 +26,11 @@ Examples::
     # the same loop on a file, resumable:
     amstream serve --source covtype.csv --n-classes 7 --checkpoint-dir runs/covtype
 
+    # a task sequence (continual learning): per-task accuracy and forgetting on held-out samples
+    amstream produce --benchmark permuted-mnist --topic tasks --eval-file runs/permuted-test.npz
+    amstream serve --topic tasks --algo am-mem --n-features 784 --n-classes 10 \
+        --eval-source runs/permuted-test.npz --checkpoint-dir runs/permuted --json
+
 Messages are JSON ``{"x": [...], "y": 3}`` or the binary codec (see README "Message formats"),
 compressed or not (gzip, snappy, lz4, zstd); ``--codec auto`` (default) takes both formats. A
 restart needs only ``--checkpoint-dir`` and the input flags: the model and its sizes come from
@@ -79,6 +84,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--flush-after", type=float, default=2.0, metavar="SECONDS",
                     help="learn a partial minibatch once caught up and idle this long (default 2)")
     lp.add_argument("--window", type=int, default=1000, help="samples in the windowed prequential score")
+    ct = p.add_argument_group("task sequences (continual learning; README \"Task sequences\")")
+    ct.add_argument("--eval-source", default=None, metavar="PATH",
+                    help="held-out samples of every task with their task ids (.jsonl with a `task` field, .npz "
+                         "with a `task` array; `amstream produce --benchmark ... --eval-file` writes one): scored "
+                         "per task at the end of each task and every --eval-every samples, giving per-task "
+                         "accuracy, forgetting and the accuracy matrix")
+    ct.add_argument("--eval-every", type=int, default=50000, metavar="N",
+                    help="also score the evaluation set every N learned samples (0: only when a task ends; "
+                         "default 50000)")
+    ct.add_argument("--eval-per-task", type=int, default=None, metavar="N",
+                    help="score only the first N evaluation samples of each task (default: all)")
+    ct.add_argument("--mixed-task-batches", action="store_true",
+                    help="let a minibatch hold samples of several tasks (default: a change of the task id in the "
+                         "stream ends the minibatch)")
     d = p.add_argument_group("several processes (see README \"Several processes\")")
     d.add_argument("--distributed", action="store_true",
                    help="be one rank of a group launched by torchrun that learns one model: "
@@ -267,8 +286,30 @@ def _facts(args: argparse.Namespace, engine, topics) -> dict:
             "model": None if learner is None else model_digest(learner.state_dict())}
 
 
+def _continual(args: argparse.Namespace, restored, n_features, classes):
+    """The engine's `Continual`: with the evaluation set of ``--eval-source`` when given."""
+    from amstream.serve.continual import Continual, EvalSet
+
+    if not args.eval_source:
+        return Continual()
+    if restored is not None:
+        n_features = restored[0].n_inputs
+    eval_set = EvalSet.from_file(args.eval_source, n_features=n_features, n_classes=classes[2],
+                                 per_task=args.eval_per_task)
+    if n_features is not None and eval_set.n_features != n_features:
+        from amstream.exceptions import ConfigError
+
+        raise ConfigError(f"`--eval-source {args.eval_source}` has `{eval_set.n_features}` features, the model "
+                          f"`{n_features}`")
+    import logging
+
+    logging.getLogger("amstream.serve").info("evaluation set `%s`: %s", args.eval_source, eval_set.describe())
+    return Continual(eval_set, eval_every=args.eval_every or None)
+
+
 def run(args: argparse.Namespace) -> int:
     import functools
+    import json
     import logging
 
     from amstream.checkpoint import CheckpointManager
@@ -282,6 +323,10 @@ def run(args: argparse.Namespace) -> int:
     if bool(topics) == bool(args.source):
         raise ConfigError("give `--topic` (Kafka) or `--source PATH` (a file), not both and not neither")
     n_features, n_classes = _sizes(args)
+    if args.eval_source and args.distributed:
+        raise ConfigError("`--eval-source` is not supported with `--distributed`")
+    if args.eval_every < 0 or (args.eval_per_task is not None and args.eval_per_task < 1):
+        raise ConfigError("`--eval-every` must be >= 0 and `--eval-per-task` >= 1")
 
     # 1. the model: from the checkpoint when there is one, else from the flags or the stream
     ranks = None
@@ -300,8 +345,12 @@ def run(args: argparse.Namespace) -> int:
         label_column = None if label.lower() == "none" else (int(label) if label.lstrip("-").isdigit() else label)
         source = FileSource(args.source, n_features=restored[0].n_inputs if restored else n_features,
                             n_classes=classes[2], label_column=label_column, max_bytes=args.max_message_bytes)
+    continual = _continual(args, restored, n_features, classes)
+    if continual.eval_set is not None and n_features is None and restored is None:
+        n_features = continual.eval_set.n_features  # the evaluation set fixes the feature count
     model = _model(args, device, restored, n_features, n_classes, classes, source)
-    engine = Engine(model, batch_size=args.batch_size, window=args.window, keep_keys=bool(args.predictions_topic))
+    engine = Engine(model, batch_size=args.batch_size, window=args.window, keep_keys=bool(args.predictions_topic),
+                    continual=continual, mixed_tasks=args.mixed_task_batches)
     if restored is not None:
         if ranks is None:  # (a rank takes its share of the state from its runner)
             engine.load_state_dict(restored[1])
@@ -371,6 +420,15 @@ def run(args: argparse.Namespace) -> int:
     # 4. run, with SIGTERM / SIGINT handled (the first stops after the minibatch)
     failure = None
     bar = None
+
+    def on_step(step):
+        if bar is not None:
+            bar.update(step.batch)
+            if step.model_step % 10 == 0:
+                bar.set_postfix(acc=f"{step.window_accuracy:.3f}", bad=step.bad_messages, refresh=False)
+        if step.evaluation is not None and args.json:  # JSON lines: one per scoring, the summary last
+            print(json.dumps(step.evaluation.as_dict()), flush=True)
+
     try:
         with runner.signals_handled():
             try:
@@ -379,16 +437,10 @@ def run(args: argparse.Namespace) -> int:
                     from tqdm.contrib.logging import logging_redirect_tqdm
 
                     bar = tqdm(total=args.max_samples, unit="sample", desc="serve", dynamic_ncols=True, smoothing=0.1)
-
-                    def on_step(step):
-                        bar.update(step.batch)
-                        if step.model_step % 10 == 0:
-                            bar.set_postfix(acc=f"{step.window_accuracy:.3f}", bad=step.bad_messages, refresh=False)
-
                     with logging_redirect_tqdm():
                         result = runner.run(on_step=on_step)
                 else:
-                    result = runner.run()
+                    result = runner.run(on_step=on_step)
             except StreamError as exc:  # permanent: checkpointed already; report it after the summary
                 failure, result = exc, runner.summary()
     finally:
@@ -398,6 +450,11 @@ def run(args: argparse.Namespace) -> int:
             producer.close(timeout=2)  # the runner flushed the sinks at its last checkpoint
         telemetry.close()
     learner = model.learner
+    if engine.continual.active:
+        final = engine.continual.finish(learner) if learner is not None else None
+        if final is not None and args.json:
+            print(json.dumps(final.as_dict()), flush=True)
+        result["continual"] = engine.continual.summary()
     result.update(algo=args.algo if learner is None else learner.config.algo,
                   arch=None if learner is None else learner.config.arch_string(),
                   seed=args.seed if learner is None else learner.config.seed, device=str(device), threads=args.threads)

@@ -80,6 +80,7 @@ from amstream.connectors.codec import CODECS, Codec, Rejection, codec_from_first
 from amstream.connectors.records import Offsets, Record, TopicPartition, decode_offsets, encode_offsets
 from amstream.exceptions import CheckpointError, ConfigError
 from amstream.learner import Learner, learner_from_state
+from amstream.serve.continual import Continual
 
 __all__ = [
     "Engine",
@@ -216,9 +217,10 @@ class Chunk:
     partition: np.ndarray  # int32 [n]
     offset: np.ndarray  # int64 [n]
     index: np.ndarray  # int32 [n]: position in the message (packed binary messages)
+    task: np.ndarray  # int64 [n]: the task id the sample names (continual sequences), -1 where none
     keys: Optional[List[Optional[bytes]]] = None
 
-    _ARRAYS = ("X", "y", "topic", "partition", "offset", "index")
+    _ARRAYS = ("X", "y", "topic", "partition", "offset", "index", "task")
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
@@ -227,11 +229,19 @@ class Chunk:
         s = slice(a, b)
         return Chunk(*(getattr(self, f)[s] for f in self._ARRAYS), keys=None if self.keys is None else self.keys[s])
 
+    def first_task_change(self) -> Optional[int]:
+        """The position of the first sample whose task differs from the first one's (None: one task)."""
+        t = self.task
+        if not len(t) or t[0] == t[-1] and (t == t[0]).all():
+            return None
+        return int(np.flatnonzero(t != t[0])[0])
+
     @staticmethod
     def empty(n_features: int, classification: bool) -> "Chunk":
         """No samples (a rank's share of a minibatch when it has none)."""
         return Chunk(np.zeros((0, n_features), np.float32), np.zeros(0, np.int64 if classification else np.float64),
-                     np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32))
+                     np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32),
+                     np.zeros(0, np.int64))
 
     @staticmethod
     def concat(chunks: Sequence["Chunk"]) -> "Chunk":
@@ -258,7 +268,9 @@ class _Buffer:
             self._chunks.append(chunk)
             self._n += len(chunk)
 
-    def take(self, n: int) -> Chunk:
+    def take(self, n: int, *, one_task: bool = False) -> Chunk:
+        """The next ``n`` samples (fewer when fewer are buffered); with ``one_task`` only up to the
+        first sample of another task than the first one's."""
         parts: List[Chunk] = []
         need = min(n, self._n)
         while need:
@@ -271,6 +283,11 @@ class _Buffer:
                 self._chunks[0] = head.slice(need)
                 need = 0
         out = Chunk.concat(parts)
+        if one_task:
+            cut = out.first_task_change()
+            if cut is not None:
+                self._chunks.appendleft(out.slice(cut))
+                out = out.slice(0, cut)
         self._n -= len(out)
         return out
 
@@ -314,6 +331,7 @@ class Step:
     chunk: Chunk = field(repr=False)
     outputs: torch.Tensor = field(repr=False)
     predictions: torch.Tensor = field(repr=False)
+    evaluation: Any = None  # an `amstream.serve.continual.Evaluation` scored at this step, if any
 
 
 class EngineEvents:
@@ -463,10 +481,18 @@ class Engine:
         Keep record keys with the samples (to write predictions under the same keys).
     events
         Told what happens (`EngineEvents`).
+    continual
+        Per-task metrics of a task sequence (`amstream.serve.continual.Continual`; default: one
+        without an evaluation set, which counts prequential accuracy per task id).
+    mixed_tasks
+        Let a minibatch hold samples of several tasks. By default a change of the task id in the
+        stream ends the minibatch (a minibatch belongs to one task, as in a continual benchmark);
+        streams without task ids are not affected.
     """
 
     def __init__(self, model: StreamModel, *, batch_size: int = 256, window: int = 1000, keep_keys: bool = False,
-                 events: Optional[EngineEvents] = None) -> None:
+                 events: Optional[EngineEvents] = None, continual: Optional[Continual] = None,
+                 mixed_tasks: bool = False) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"`batch_size` must be an int >= 1, got `{batch_size!r}`")
         self.model = model
@@ -474,6 +500,8 @@ class Engine:
         self.keep_keys = bool(keep_keys)
         self.events = events or EngineEvents()
         self.prequential = Prequential(window, classification=model.classification)
+        self.continual = continual if continual is not None else Continual()
+        self.mixed_tasks = bool(mixed_tasks)
         self.counters = Counters()
         self.offsets: Offsets = {}
         self.topics: List[str] = []  # topic names by code (Chunk.topic)
@@ -584,7 +612,7 @@ class Engine:
                 starts = np.flatnonzero(new_msg)
                 pos = (np.arange(m) - starts[np.cumsum(new_msg) - 1]).astype(np.int32)
             keys = list(batch.keys) if self.keep_keys else None
-            self._buffer.append(Chunk(batch.X, batch.y, codes[idx], parts[idx], offs[idx], pos, keys))
+            self._buffer.append(Chunk(batch.X, batch.y, codes[idx], parts[idx], offs[idx], pos, batch.task, keys))
             self.samples_per_record = 0.8 * self.samples_per_record + 0.2 * (m / n)
         return self._ingested(records, batch.rejections, m, t0)
 
@@ -612,20 +640,23 @@ class Engine:
         if not len(self._buffer) and not (allow_empty and learner is not None):
             raise ConfigError("nothing to learn: no samples are buffered")
         assert learner is not None
-        chunk = (self._buffer.take(self.batch_size) if len(self._buffer)
+        chunk = (self._buffer.take(self.batch_size, one_task=not self.mixed_tasks) if len(self._buffer)
                  else Chunk.empty(learner.n_inputs, self.prequential.classification))
         n = len(chunk)
         grown = self.model.fit_labels(chunk.y) if self.prequential.classification else None
+        evaluation = self.continual.before_learn(learner, chunk.task)  # a task ended: score it first
         x, y = torch.from_numpy(chunk.X), torch.from_numpy(chunk.y)
         t0 = time.perf_counter()
         update = learner.learn(x, y)
         out = update.outputs
         if self.prequential.classification:
             pred = out.argmax(1)
-            correct = int((pred.cpu() == y).sum())
+            hits = (pred.cpu() == y).numpy()
+            correct = int(hits.sum())
         else:
-            pred, correct = out, 0
+            pred, correct, hits = out, 0, np.zeros(n, dtype=bool)
         seconds = time.perf_counter() - t0
+        evaluation = self.continual.after_learn(learner, chunk.task, hits) or evaluation
         if n:
             self.prequential.update(n, correct, float(update.loss) * n)
         c = self.counters
@@ -643,7 +674,7 @@ class Engine:
             learned_samples=c.learned_samples, learned_samples_this_run=c.learned_samples_this_run,
             prequential_accuracy=p.accuracy, window_accuracy=p.window_accuracy, window_loss=p.window_loss,
             bad_messages=c.bad_messages, model_step=learner.n_updates, seconds=seconds, grown=grown,
-            chunk=chunk, outputs=out, predictions=pred)
+            chunk=chunk, outputs=out, predictions=pred, evaluation=evaluation)
         self.events.after_learn(step)
         return step
 
@@ -681,6 +712,7 @@ class Engine:
                 "prequential": self.prequential.state_dict(),
             },
             "sizes": self.model.sizes(),
+            "continual": self.continual.state_dict(),
         }
 
     def _carry_state(self) -> Dict[str, Any]:
@@ -721,6 +753,7 @@ class Engine:
         c.records = int(counters.get("records", 0))
         c.minibatches = int(counters.get("minibatches", 0))
         self.prequential.load_state_dict(counters.get("prequential", {}))
+        self.continual.load_state_dict(state.get("continual") or {})
         carry = state.get("carry") or {}
         self._buffer = _Buffer()
         if carry:
@@ -734,8 +767,9 @@ class Engine:
             keys = carry.get("keys") if self.keep_keys else None
             if self.keep_keys and keys is None:
                 keys = [None] * X.shape[0]
+            task = carry["task"].numpy() if "task" in carry else np.full(X.shape[0], -1, np.int64)  # (older states)
             self._buffer.append(Chunk(X, carry["y"].numpy(), topic, carry["partition"].numpy(),
-                                      carry["offset"].numpy(), carry["index"].numpy(), keys))
+                                      carry["offset"].numpy(), carry["index"].numpy(), task, keys))
         self.mark_saved()
 
 

@@ -209,7 +209,13 @@ def _sum_counters(all_counters: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
 
 
 # ---- carries: samples taken but not learned, with their ids -----------------------------------------
-_CARRY_ARRAYS = ("X", "y", "topic", "partition", "offset", "index")
+_CARRY_ARRAYS = ("X", "y", "topic", "partition", "offset", "index", "task")
+
+
+def _carry_array(carry: Mapping[str, Any], name: str) -> torch.Tensor:
+    if name == "task" and name not in carry:  # a carry of a state written before task ids
+        return torch.full((len(carry["offset"]),), -1, dtype=torch.int64)
+    return carry[name]
 
 
 def _carry_partitions(carry: Mapping[str, Any]) -> List[TopicPartition]:
@@ -228,7 +234,7 @@ def _carry_of(carry: Mapping[str, Any], partitions: Set[TopicPartition]) -> Dict
         return {}
     out: Dict[str, Any] = {"topics": list(carry["topics"])}
     for name in _CARRY_ARRAYS:
-        out[name] = carry[name][mask].clone()
+        out[name] = _carry_array(carry, name)[mask].clone()
     keys = carry.get("keys")
     out["keys"] = None if keys is None else [k for k, m in zip(keys, mask.tolist()) if m]
     return out
@@ -251,7 +257,7 @@ def _concat_carries(carries: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"topics": topics, "topic": torch.cat(codes)}
     for name in _CARRY_ARRAYS:
         if name != "topic":
-            out[name] = torch.cat([c[name] for c in carries])
+            out[name] = torch.cat([_carry_array(c, name) for c in carries])
     keys = [c.get("keys") for c in carries]
     out["keys"] = None if any(k is None for k in keys) else [k for ks in keys for k in ks]  # type: ignore[union-attr]
     return out

@@ -126,6 +126,7 @@ class Status:
     checkpoint_time: Optional[float]  # wall clock of the last checkpoint
     timers: Dict[str, float]  # the summary's *_seconds
     health: Callable[[], Optional[str]]  # the source's problem, asked only when worth logging
+    continual: Any = None  # the engine's `amstream.serve.continual.Continual`
 
 
 class RunnerEvents(EngineEvents):
@@ -882,7 +883,8 @@ class Runner:
             lag=lag, assigned=bool(self.source.assignment()),
             idle_s=now - self._last_record if self._had_assignment else 0.0,
             exhausted=self._feed.exhausted if self._feed is not None else False,
-            checkpoint_time=self._checkpointer.last_time, timers=self.timers.as_dict(), health=self.source.health))
+            checkpoint_time=self._checkpointer.last_time, timers=self.timers.as_dict(), health=self.source.health,
+            continual=engine.continual))
 
 
 def encode_predictions(step: Step, topics: Sequence[str]) -> List[bytes]:

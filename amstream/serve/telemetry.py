@@ -32,7 +32,17 @@ metric                                              type       what
 ``amstream_assigned_partitions``                    gauge      partitions this member reads
 ``amstream_last_checkpoint_timestamp_seconds``      gauge      Unix time of the last checkpoint
 ``amstream_checkpoint_age_seconds``                 gauge      seconds since then (NaN before the first)
+``amstream_current_task``                           gauge      task id of the last learned minibatch (-1: none)
+``amstream_task_prequential_accuracy{task}``        gauge      test-then-train accuracy of each task in the stream
+``amstream_task_accuracy{task}``                    gauge      accuracy on the task's held-out samples (``--eval-source``)
+``amstream_task_forgetting{task}``                  gauge      accuracy the task lost since its experience ended
+``amstream_continual_average_accuracy``             gauge      mean held-out accuracy over the tasks trained so far
+``amstream_continual_forgetting``                   gauge      mean forgetting over the earlier tasks
+``amstream_evaluations_total{reason}``              counter    scorings of the evaluation set (task_end, periodic)
 ==================================================  =========  =================================================
+
+The task metrics are those of `amstream.serve.continual` (a task sequence: task ids in the
+messages, an evaluation set of every task); without task ids and an evaluation set they stay unset.
 
 Log lines go to the ``amstream.serve`` loggers: a progress line every ``log_every_s``, each bad
 message (the first 20 of a reason, then at counts that are powers of two), what waits and why
@@ -117,6 +127,19 @@ class Telemetry(RunnerEvents):
         self.assigned = Gauge("amstream_assigned_partitions", "Partitions this member reads.", registry=r)
         self.checkpoint_time = Gauge("amstream_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint.",
                                      registry=r)
+        self.current_task = Gauge("amstream_current_task", "Task id of the last learned minibatch (-1: none).",
+                                  registry=r)
+        self.task_prequential = Gauge("amstream_task_prequential_accuracy", "Test-then-train accuracy per task.",
+                                      ["task"], registry=r)
+        self.task_accuracy = Gauge("amstream_task_accuracy", "Held-out accuracy per task (the evaluation set).",
+                                   ["task"], registry=r)
+        self.task_forgetting = Gauge("amstream_task_forgetting", "Accuracy a task lost since its experience ended.",
+                                     ["task"], registry=r)
+        self.continual_accuracy = Gauge("amstream_continual_average_accuracy",
+                                        "Mean held-out accuracy over the tasks trained so far.", registry=r)
+        self.continual_forgetting = Gauge("amstream_continual_forgetting", "Mean forgetting over the earlier tasks.",
+                                          registry=r)
+        self.evaluations = Counter("amstream_evaluations", "Scorings of the evaluation set.", ["reason"], registry=r)
         self._last_checkpoint: Optional[float] = None
         age = Gauge("amstream_checkpoint_age_seconds", "Seconds since the last checkpoint (NaN before one).",
                     registry=r)
@@ -171,6 +194,19 @@ class Telemetry(RunnerEvents):
         if step.grown is not None:
             log.info("labels up to %d seen: the model now has %d classes (was %d)", step.grown[1] - 1,
                      step.grown[1], step.grown[0])
+        if step.evaluation is not None:
+            self.record_evaluation(step.evaluation)
+
+    def record_evaluation(self, ev: Any) -> None:
+        """Gauges of one scoring of the evaluation set (`amstream.serve.continual.Evaluation`)."""
+        self.evaluations.labels(reason=ev.reason).inc()
+        for t, a in ev.accuracies.items():
+            self.task_accuracy.labels(task=str(t)).set(a)
+        self.task_forgetting.clear()
+        for t, f in ev.forgetting.items():
+            self.task_forgetting.labels(task=str(t)).set(f)
+        self.continual_accuracy.set(ev.average_accuracy)
+        self.continual_forgetting.set(ev.average_forgetting)
 
     # ---- runner events --------------------------------------------------------------------------
     def after_assign(self, partitions: List[TopicPartition], seek: Offsets, absent: List[TopicPartition],
@@ -239,6 +275,10 @@ class Telemetry(RunnerEvents):
             self.accuracy.labels(window=window).set(acc)
             self.loss.labels(window=window).set(loss)
         self.buffered.set(status.buffered)
+        if status.continual is not None and status.continual.counts:
+            self.current_task.set(status.continual.current)
+            for t, a in status.continual.prequential().items():
+                self.task_prequential.labels(task=str(t)).set(a)
         wait = status.timers.get("poll_seconds", 0.0)
         self.poll_wait_seconds.inc(max(0.0, wait - self._wait_seconds))
         self._wait_seconds = wait
