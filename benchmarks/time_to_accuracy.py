@@ -151,8 +151,9 @@ def tune(methods, grids, data, args, targets) -> tuple[dict[tuple[str, float], f
     for r in runners:
         method, lr = r.name.split("@")
         for t in targets:
-            mb = r.reached.get(t, (None,))[0]
+            mb, sec, _ = r.reached.get(t, (None, None, None))
             rows.append(dict(method=method, lr=float(lr), target=t, val_minibatches=mb,
+                             val_seconds=None if sec is None else round(sec, 3),
                              val_final_accuracy=round(r.last_acc, 4), val_minibatches_run=r.minibatches))
     for m in methods:
         for t in targets:
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tag", default="")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tune-only", action="store_true",
+                   help="only the validation race (to compare settings without reading the test set)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from amstream.commands.common import parse_key_values
@@ -306,6 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"tuning {to_tune} on the validation split, grids {grids}", flush=True)
         best, tuning = tune(to_tune, grids, data, args, targets)
         write_csv(out / "tuning.csv", tuning)
+        if args.tune_only:
+            for row in tuning:
+                print(row)
+            return {"tuning": tuning, "out": str(out)}
     for m, lr in fixed.items():
         for t in targets:
             best[(m, t)] = lr
