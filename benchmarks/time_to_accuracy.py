@@ -60,7 +60,7 @@ SGD_GRID = (0.01, 0.03, 0.1)
 COLORS = {"am-adam": "tab:red", "adam": "tab:green", "sgd": "tab:blue", "am-mem": "tab:orange"}
 
 
-def config_for(method: str, lr: float, *, arch, seed: int, n_outputs: int, extra: dict) -> AMConfig:
+def config_for(method: str, lr: float, *, arch, seed: int, extra: dict) -> AMConfig:
     """The method's config with its learning rate(s) set from ``lr`` (see the module docstring)."""
     kwargs = {**METHODS.get(method, {}), **extra.get(method, {})}
     base = AMConfig(arch=arch, seed=seed, **kwargs)
@@ -141,7 +141,7 @@ def tune(methods, grids, data, args, targets) -> tuple[dict[tuple[str, float], f
     n_val = min(10_000, len(data.x_train) // 6)
     xt, yt = data.x_train[:-n_val], data.y_train[:-n_val]
     xv, yv = data.x_train[-n_val:], data.y_train[-n_val:]
-    configs = {f"{m}@{lr:g}": config_for(m, lr, arch=args.arch, seed=args.tune_seed, n_outputs=data.n_classes,
+    configs = {f"{m}@{lr:g}": config_for(m, lr, arch=args.arch, seed=args.tune_seed,
                                          extra=args.extra)
                for m in methods for lr in grids[m]}
     runners = race(configs, xt, yt, xv, yv, targets=targets, batch_size=args.batch_size, seed=args.tune_seed,
@@ -301,8 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
         "method settings": json.dumps({m: {**METHODS.get(m, {}), **args.extra.get(m, {})} for m in args.methods}),
         "load average at start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
-    grids = {m: [] if m in fixed else (args.sgd_grid if METHODS.get(m, args.extra.get(m, {})).get("algo",
-             args.extra.get(m, {}).get("algo")) == "sgd" else args.grid) for m in args.methods}
+    def algo_of(m):
+        return {**METHODS.get(m, {}), **args.extra.get(m, {})}.get("algo", AMConfig.algo)
+
+    grids = {m: [] if m in fixed else (args.sgd_grid if algo_of(m) == "sgd" else args.grid) for m in args.methods}
     best, tuning = {}, []
     to_tune = [m for m in args.methods if m not in fixed]
     if to_tune:
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         configs = {}
         for m in args.methods:
             for lr in sorted({best[(m, t)] for t in targets}):
-                configs[f"{m}@{lr:g}"] = config_for(m, lr, arch=args.arch, seed=seed, n_outputs=data.n_classes,
+                configs[f"{m}@{lr:g}"] = config_for(m, lr, arch=args.arch, seed=seed,
                                                     extra=args.extra)
         runners = race(configs, data.x_train, data.y_train, data.x_test, data.y_test, targets=targets,
                        batch_size=args.batch_size, seed=seed, max_epochs=args.max_epochs,
