@@ -59,7 +59,7 @@ FIGURES: dict[str, dict] = {
         title="Row-by-row MNIST, Elman RNN (28 steps of 28 pixels, 64 units)",
         arch="28x28-rnn64-10", activation="relu", batch=200, inset_every=20,
         methods={"am-adam": dict(algo="am-adam"), "adam": dict(algo="adam")},
-        grid={"am-adam": [1e-3, 3e-3, 1e-2], "adam": [1e-3, 3e-3, 1e-2]},
+        grid={"am-adam": [1e-4, 3e-4, 1e-3, 3e-3], "adam": [1e-3, 3e-3, 1e-2]},
     ),
     "fig7": dict(
         title="Figure 7: LeNet-5 on MNIST",
