@@ -54,6 +54,13 @@ FIGURES: dict[str, dict] = {
         methods={"am-adam": dict(algo="am-adam"), "sgd": dict(algo="sgd", momentum=0.9)},
         grid={"am-adam": [1e-3, 3e-3, 1e-2], "sgd": [0.01, 0.03, 0.1]},
     ),
+    # issue 16: the row-by-row task with 64 units, AM-Adam beside Adam backprop
+    "fig6-rows64": dict(
+        title="Row-by-row MNIST, Elman RNN (28 steps of 28 pixels, 64 units)",
+        arch="28x28-rnn64-10", activation="relu", batch=200, inset_every=20,
+        methods={"am-adam": dict(algo="am-adam"), "adam": dict(algo="adam")},
+        grid={"am-adam": [1e-4, 3e-4, 1e-3, 3e-3], "adam": [1e-3, 3e-3, 1e-2]},
+    ),
     "fig7": dict(
         title="Figure 7: LeNet-5 on MNIST",
         arch="lenet5", activation="relu", batch=200, inset_every=10,

@@ -14,3 +14,5 @@ timeout 240 python3 benchmarks/paper_figures.py --device cuda --archs 784-500-50
 python3 benchmarks/step_cost.py --device cuda --arch lenet5 --steps 100 --json | tee -a $OUT/step_cost_cuda.jsonl
 python3 benchmarks/step_cost.py --device cuda --arch 784-rnn15-10 --batch-size 1024 --steps 10 --warmup 2 --json | tee -a $OUT/step_cost_cuda.jsonl
 python3 benchmarks/step_cost.py --device cuda --activation sign,tanh --steps 100 --json | tee -a $OUT/step_cost_cuda.jsonl
+# issue 16, item 7: the time-to-accuracy race on CUDA with a larger batch (rates tuned on the validation split)
+timeout 420 python3 benchmarks/time_to_accuracy.py --device cuda --arch 784-500-500-10 --batch-size 1000 --targets 0.97 --max-epochs 6 --seeds 1 2 3 --grid 1e-3 3e-3 8e-3 --no-progress --out $OUT/race_cuda 2>&1 | tail -12
