@@ -15,7 +15,8 @@ Baseline hyperparameters are the ones measured in continual-baselines.md (EWC la
 `FixedSynapticIntelligencePlugin`; LwF alpha 1, T 2; Replay 500 samples). AM's come
 from ``--tune``: a small grid on a *validation* split carved out of the MNIST training
 set (never the test set), run with the plain loop of `amstream.continual` (same learner,
-same scores; no Avalanche overhead). Its winners are `AM_TUNED` below.
+same scores; no Avalanche overhead). Its winners are the preset `permuted-mnist`
+of `amstream.continual.PRESETS` (runs named `*-pm` below; `AM_RUNS`).
 
     python benchmarks/continual_benchmark.py --quick            # 1 seed, subsets: a few minutes
     python benchmarks/continual_benchmark.py --tune             # the validation grid
@@ -46,15 +47,21 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCH = (784, 400, 400, 10)
 BATCH = 128
-ALL_STRATEGIES = ("am-adam", "am-mem", "am-mem-decay", "naive", "ewc", "si", "lwf", "replay")
-ALL_BENCHMARKS = ("split-mnist", "split-mnist-task", "permuted-mnist")
+ALL_STRATEGIES = ("am-adam", "am-mem", "am-adam-pm", "am-mem-pm", "am-mem-decay", "am-mem-replay", "am-mem-pm-replay",
+                  "naive", "ewc", "si", "lwf", "replay", "cumulative")
+ALL_BENCHMARKS = ("split-mnist", "split-mnist-task", "permuted-mnist", "split-fashion-mnist")
 
-#: AM hyperparameters chosen by ``--tune`` (validation split; see continual_tuning.md).
-AM_TUNED: dict[str, dict[str, Any]] = {
-    # best of the grid on the Permuted-MNIST validation split (continual_tuning.md), used everywhere
-    "am-adam": {"algo": "am-adam", "mu": 1.0, "lr": 1e-3, "lr_out": 1e-3},
-    "am-mem": {"algo": "am-mem", "mu": 10.0, "lr_out": 3e-3, "mem_decay": 1.0, "mem_sweeps": 1},
-    "am-mem-decay": {"algo": "am-mem", "mu": 10.0, "lr_out": 3e-3, "mem_decay": 0.95, "mem_sweeps": 1},
+#: The AM runs: (algorithm, preset of `amstream.continual.PRESETS` or None = AMConfig's defaults,
+#: overrides, ReplayPlugin size). "am-mem" and "am-adam" are what `amstream continual --strategy
+#: am-mem` / `am-adam` run with nothing set.
+AM_RUNS: dict[str, tuple[str, str | None, dict[str, Any], int]] = {
+    "am-adam": ("am-adam", None, {}, 0),
+    "am-mem": ("am-mem", None, {}, 0),
+    "am-adam-pm": ("am-adam", "permuted-mnist", {}, 0),
+    "am-mem-pm": ("am-mem", "permuted-mnist", {}, 0),
+    "am-mem-decay": ("am-mem", "permuted-mnist", {"mem_decay": 0.95}, 0),
+    "am-mem-replay": ("am-mem", None, {}, 500),
+    "am-mem-pm-replay": ("am-mem", "permuted-mnist", {}, 500),
 }
 #: Baseline hyperparameters (continual-baselines.md); EWC's lambda depends on the benchmark.
 EWC_LAMBDA = {"split-mnist": 5e3, "split-mnist-task": 1e5, "permuted-mnist": 5e3, "split-fashion-mnist": 5e3}
@@ -115,10 +122,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     bm = _benchmark(name, job["train_per_class"], job["test_per_class"])
     t0 = time.perf_counter()
     if strategy_name.startswith("am-"):
-        cfg = AMConfig(arch=ARCH, activation="relu", seed=seed, **AM_TUNED[strategy_name])
+        from avalanche.training.plugins import ReplayPlugin
+
+        from amstream.continual import preset_config
+
+        algo, preset, overrides, replay = AM_RUNS[strategy_name]
+        cfg = preset_config(algo, preset, arch=ARCH, activation="relu", seed=seed, **overrides)
         strategy = av.AMStrategy(learner=make_learner(cfg), train_mb_size=BATCH, train_epochs=job["epochs"],
+                                 plugins=[ReplayPlugin(mem_size=replay)] if replay else None,
                                  task_classes=av.task_classes_of(bm) if spec.task_aware else None)
         hyper = {k: v for k, v in cfg.to_dict().items() if k in ("mu", "lr", "lr_out", "mem_decay", "mem_sweeps")}
+        hyper.update(preset=preset, replay=replay)
     else:
         hyper = {"ewc_lambda": EWC_LAMBDA[name]} if strategy_name == "ewc" else {}
         strategy = av.make_baseline(strategy_name, arch=ARCH, task_aware=spec.task_aware, lr=1e-3,
@@ -133,6 +147,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, **summarize(rows), "stream_accuracy": last.get("stream_accuracy"),
             "avalanche_forgetting": last.get("stream_forgetting"), "wall_s": round(wall, 1),
             "threads": torch.get_num_threads(), "device": "cpu", "hyper": json.dumps(hyper),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
             "matrix": json.dumps([[round(a, 4) for a in r] for r in rows])}
 
 
@@ -193,7 +208,7 @@ def tune(args: argparse.Namespace) -> None:
              f"{args.tune_tasks} tasks; seed 0; threads {args.threads}; plain loop of amstream.continual. Rows in the "
              "order they were run (stage 1, then stage 2: see `TUNE_GRID`). Selection: the highest Permuted-MNIST "
              "validation average accuracy per family: AM-Adam, AM-mem with gamma = 1 (the paper's plain sums) "
-             "and AM-mem with gamma < 1 (`AM_TUNED`), then used on every benchmark.", "",
+             "and AM-mem with gamma < 1 (preset `permuted-mnist` of `amstream.continual.PRESETS`).", "",
              "| benchmark | family | hyperparameters | val. avg acc | forgetting | learning acc |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['benchmark']} | {r['family']} | `{r['hyper']}` | {r['average_accuracy']:.3f} | "
@@ -255,7 +270,7 @@ def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], prefix: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benches = [b for b in ALL_BENCHMARKS + ("split-fashion-mnist",) if any(s["benchmark"] == b for s in summary)]
+    benches = [b for b in ALL_BENCHMARKS if any(s["benchmark"] == b for s in summary)]
     fig, axes = plt.subplots(2, len(benches), figsize=(4.2 * len(benches), 6.0), squeeze=False)
     for j, bench in enumerate(benches):
         rows = [s for s in summary if s["benchmark"] == bench]
@@ -307,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="1 seed, subsets (split: 2000 train / 200 test per class; permuted: 400 / 100)")
     p.add_argument("--tune", action="store_true", help="run the AM validation grid instead")
-    p.add_argument("--benchmarks", nargs="+", default=list(ALL_BENCHMARKS), choices=ALL_BENCHMARKS + ("split-fashion-mnist",))
+    p.add_argument("--benchmarks", nargs="+", default=list(ALL_BENCHMARKS), choices=ALL_BENCHMARKS)
     p.add_argument("--strategies", nargs="+", default=list(ALL_STRATEGIES), choices=ALL_STRATEGIES)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train-per-class", type=int, default=None, help="split benchmarks (default: all)")
     p.add_argument("--test-per-class", type=int, default=None, help="all benchmarks (default: all)")
@@ -320,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, 1 thread each)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prefix", default=None)
+    p.add_argument("--fresh", action="store_true", help="start a new <prefix>_runs.csv (default: add to it)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild summary and plots from <prefix>_runs.csv")
     p.add_argument("--tune-benchmarks", nargs="+", default=["permuted-mnist", "split-mnist"])
     p.add_argument("--tune-tasks", type=int, default=5)
@@ -357,6 +373,16 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     runs: list[dict[str, Any]] = []
     out = RESULTS / f"{prefix}_runs.csv"
+    if out.exists() and not args.fresh:  # resume: runs already in the CSV are kept, not rerun
+        with open(out) as f:
+            runs = list(csv.DictReader(f))
+        for r in runs:
+            r["seed"] = int(r["seed"])
+            for k in ("average_accuracy", "forgetting", "bwt", "max_forgetting", "learning_accuracy", "wall_s"):
+                r[k] = float(r[k])
+        done = {(r["benchmark"], r["strategy"], r["seed"]) for r in runs}
+        jobs = [j for j in jobs if (j["benchmark"], j["strategy"], j["seed"]) not in done]
+        print(f"{len(runs)} runs already in {out.name}; {len(jobs)} to go", flush=True)
     from tqdm.auto import tqdm
 
     ctx = mp.get_context("spawn")
