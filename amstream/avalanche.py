@@ -291,8 +291,8 @@ class AMStrategy(SupervisedTemplate):
     ----------
     learner
         A :class:`~amstream.learner.Learner` (from `make_learner` or `learner_from_state`),
-        or an `AMConfig` to build one (default ``AMConfig(algo="am-mem")`` semantics: the
-        config's own defaults). Its state (weights, optimizer moments, AM-mem's
+        or an `AMConfig` to build one (``AMConfig(algo="am-mem")``: the rule the README reports
+        for AM-mem, as ``amstream serve --algo am-mem``). Its state (weights, optimizer moments, AM-mem's
         co-activation memories) carries over from experience to experience.
     train_mb_size, train_epochs, eval_mb_size, plugins, evaluator, eval_every, peval_mode
         As in Avalanche (``eval_mb_size`` defaults to 512).

@@ -96,6 +96,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "permuted-mnist": {"am-mem": {"mu": 10.0, "lr_out": 3e-3, "mem_decay": 1.0, "mem_sweeps": 1},
                        "am-adam": {"mu": 1.0, "lr": 1e-3, "lr_out": 1e-3}},
+    # AM-mem with a replay buffer (`--replay 500`): the best of ``continual_benchmark.py --tune-replay``
+    # on Split-Fashion-MNIST (benchmarks/results/continual_tuning_replay.md)
+    "replay": {"am-mem": {"mu": 1.0, "lr_out": 1e-2, "mem_decay": 0.99}},
 }
 
 

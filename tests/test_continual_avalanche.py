@@ -294,7 +294,7 @@ def test_cli_with_nothing_set_uses_amconfig_defaults_and_presets_are_named(capsy
         preset_config("am-mem", "nope")
     with pytest.raises(SystemExit):
         main(["continual", "--help"])
-    assert "--preset {permuted-mnist}" in capsys.readouterr().out
+    assert "--preset {permuted-mnist,replay}" in capsys.readouterr().out
 
 
 @pytest.mark.kafka

@@ -21,8 +21,9 @@ Examples
     $ amstream continual --benchmark permuted-mnist --strategy am-mem --preset permuted-mnist
 
 With nothing set, AM-Adam and AM-mem use AMConfig's defaults, the same rule as
-``amstream serve --algo am-mem``. Presets (``--preset NAME``) are named settings tuned on a
-validation split: permuted-mnist (am-mem: mu 10; am-adam: lr 1e-3, lr-out 1e-3).
+``amstream serve --algo am-mem``. Presets (``--preset NAME``) are named settings tuned on
+held-out tasks: permuted-mnist (am-mem: mu 10; am-adam: lr 1e-3, lr-out 1e-3) and replay
+(am-mem with ``--replay 500``: lr-out 1e-2, mem-decay 0.99; tuned on Split-Fashion-MNIST).
 """
 from __future__ import annotations
 
