@@ -2,23 +2,23 @@
 
 This is the only module of amstream that imports Avalanche (``import amstream`` does not).
 
-`AMStrategy` is used like Avalanche's own strategies (``Naive``, ``EWC``, ...): it trains
-on each experience, evaluates with an ``EvaluationPlugin`` (accuracy, loss, forgetting,
-BWT) and works with data plugins such as ``ReplayPlugin``. Each training minibatch is
-one call of :meth:`amstream.learner.Learner.learn`: AM has no backward pass and no
-optimizer step. ``strategy.model`` always evaluates with the learner's current weights.
+`AMStrategy` is used like Avalanche's own strategies (``Naive``, ``EWC``, ...): Avalanche's
+training loop runs unchanged and AM is its update rule (``optimizer_step`` is one call of
+:meth:`amstream.learner.Learner.learn`), so plugins (``ReplayPlugin``, ``EWCPlugin``, SI,
+LwF), loggers and metrics work as they do with SGD. ``strategy.model`` is a view of the
+learner's current weights.
 
 The benchmarks (`split_mnist`, `permuted_mnist`, `split_fashion_mnist`, `make_benchmark`)
 are ordinary Avalanche benchmarks built from local data (Avalanche's own MNIST
 benchmarks download, which fails offline), from the task lists of `amstream.continual`.
 
-Task-incremental learning with AM uses one shared output layer with *task-aware
-masking*: task t owns the outputs ``task_classes[t]`` (for Split-MNIST the digits' own
-outputs, 0/1 for task 0, 2/3 for task 1, ...); a task-local label k trains output
-``task_classes[t][k]`` and at test time only the task's outputs compete. Training itself
-uses the full softmax (the learner interface has no output mask), so AM's task-IL numbers
-are "class-IL training, task-aware prediction"; Avalanche's baselines instead use one
-``MultiHeadClassifier`` head per task (`make_baseline`).
+Task-incremental learning with AM goes through an Avalanche ``MultiTaskModule``
+(`TaskHeadsModule`) whose head for task t is the outputs ``task_classes[t]`` of the
+learner's one output layer (for Split-MNIST the digits' own outputs, 0/1 for task 0, 2/3
+for task 1, ...); a task-local label k trains output ``task_classes[t][k]`` and at test time
+only the task's outputs compete. Training uses the full softmax (the learner has one output
+layer), so AM's task-IL numbers are "class-IL training, task-aware prediction"; Avalanche's
+baselines use one ``MultiHeadClassifier`` per task (`make_baseline`).
 
 Examples
 --------
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -51,7 +50,7 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SynapticI
 from avalanche.training.templates import SupervisedTemplate
 
 from amstream.config import AMConfig
-from amstream.continual import BENCHMARKS, Task, make_tasks, summarize
+from amstream.continual import BENCHMARKS, Task, make_tasks, summarize, training_order
 from amstream.exceptions import ConfigError
 from amstream.learner import Learner, make_learner
 
@@ -78,11 +77,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Callbacks of `SupervisedTemplate` that `AMStrategy` never fires: AM has no backward
-#: pass and its weight update happens inside ``learner.learn``.
-UNFIRED_CALLBACKS = ("before_backward", "after_backward", "before_update")
-
 
 # =========================================================================== benchmarks
 class _TaskDataset(torch.utils.data.Dataset):
@@ -210,7 +204,7 @@ class LearnerModule(nn.Module):
         object.__setattr__(self, "learner", learner)  # not a submodule: net is
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.learner.forward(x.reshape(x.shape[0], -1))
+        return self.net(x.reshape(x.shape[0], -1))
 
 
 class TaskHeadsModule(MultiTaskModule):
@@ -261,55 +255,83 @@ class TaskHeadsModule(MultiTaskModule):
         return out
 
     def forward(self, x: Tensor, task_labels: Tensor | int) -> Tensor:  # type: ignore[override]
-        return self.local_logits(self.learner.forward(x.reshape(x.shape[0], -1)), task_labels)
+        return self.local_logits(self.net(x.reshape(x.shape[0], -1)), task_labels)
 
     def adaptation(self, experience: Any) -> None:  # the heads are fixed: nothing to grow
         pass
 
 
 # =========================================================================== the strategy
+class _TrainingOrder(torch.utils.data.Sampler):
+    """Epoch e of an experience visits its samples in `amstream.continual.training_order` order."""
+
+    def __init__(self, n: int, *, seed: int, task: int):
+        self.n, self.seed, self.task, self.epoch = n, seed, task, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = training_order(self.n, seed=self.seed, task=self.task, epoch=self.epoch)
+        self.epoch += 1
+        return iter(order.tolist())
+
+
 class AMStrategy(SupervisedTemplate):
-    """Online alternating minimization (AM-Adam, AM-mem) as an Avalanche strategy.
+    """Online alternating minimization (AM-Adam, AM-mem) as the update rule of an Avalanche strategy.
+
+    Avalanche's own training loop runs unchanged (``SGDUpdate.training_epoch``: forward,
+    criterion, ``backward``, ``optimizer_step``, with every plugin callback); AM replaces
+    only the update: `optimizer_step` is one call of :meth:`amstream.learner.Learner.learn`
+    on the minibatch (forward, code update, weight update: Algorithm 2.1). ``strategy.model``
+    is a differentiable view of the learner's weights, so evaluation, metrics, loggers and
+    plugins that read the model (EWC's Fisher, LwF's old model) work unchanged.
 
     Parameters
     ----------
     learner
         A :class:`~amstream.learner.Learner` (from `make_learner` or `learner_from_state`),
-        or an `AMConfig` to build one. Its state (weights, optimizer moments, AM-mem's
+        or an `AMConfig` to build one (``AMConfig(algo="am-mem")``: the rule the README reports
+        for AM-mem, as ``amstream serve --algo am-mem``). Its state (weights, optimizer moments, AM-mem's
         co-activation memories) carries over from experience to experience.
-    train_mb_size, train_epochs, eval_mb_size
+    train_mb_size, train_epochs, eval_mb_size, plugins, evaluator, eval_every, peval_mode
         As in Avalanche (``eval_mb_size`` defaults to 512).
-    plugins, evaluator, eval_every, peval_mode
-        As in Avalanche. Data plugins (``ReplayPlugin``) work; plugins that act in
-        ``before_backward``, ``after_backward`` or ``before_update`` (EWC, SI, LwF, GEM, ...)
-        would have no effect and raise a warning: AM has no backward pass.
     task_classes
         For task-incremental benchmarks (task labels, class ids from 0 in each
-        experience): task label -> the shared-head outputs of its classes
-        (`task_classes_of` gives them). ``None``: one shared head, labels used as they are.
+        experience): task label -> the learner's outputs that form that task's head
+        (`task_classes_of` gives them). ``None``: one shared head.
+    penalty_lr
+        Step size of the plugins' penalties (see Notes).
+    data_seed
+        Seeds the training order (default ``learner.config.seed``).
 
     Notes
     -----
-    Training loop (one AM step per minibatch)::
+    **Penalties of plugins** (EWC, SI, LwF, ...) reach the AM update in one defined way.
+    The cross-entropy ``criterion()`` is AM's own objective and is not back-propagated:
+    before the plugins' ``before_backward`` the loss is detached, so whatever the plugins
+    add to ``strategy.loss`` is exactly their penalty; ``backward()`` back-propagates that
+    penalty into the weights' ``.grad``, and ``optimizer_step()`` first runs the AM update
+    and then one SGD step of size ``penalty_lr`` along the penalty's gradient
+    (``strategy.optimizer``, a ``torch.optim.SGD`` over the learner's weights). With no
+    penalty the SGD step does nothing. ``strategy.loss`` as logged is criterion + penalty,
+    as in Avalanche. SI's importance reads ``.grad``, which holds only the penalty's
+    gradient here (AM's own update has no gradient of the loss w.r.t. hidden weights).
 
-        train
-            train_exp                         # for each experience
-                before_training_exp           # data order seeded from (seed, experience, n_updates)
-                train_dataset_adaptation      # plugins may add data here (replay)
-                training_epoch                # for each epoch
-                    before_training_iteration
-                    before_forward
-                    learner.learn(x, y)       # forward, code update, weight update
-                    after_forward             # mb_output: outputs *before* the update
-                    after_update              # loss: criterion(mb_output, mb_y)
-                    after_training_iteration
-                after_training_exp            # the global torch RNG is restored here
+    **Data order**: with no data plugin, epoch e of experience i presents its samples in
+    ``amstream.continual.training_order(n, seed=data_seed, task=i, epoch=e)`` order, the
+    order of `amstream.continual.iter_continual` and ``amstream produce --benchmark``, so the
+    three give the same minibatches. Plugins that replace the dataloader (``ReplayPlugin``)
+    draw from the global torch RNG, which is seeded per experience from ``(data_seed,
+    experience, learner.n_updates)`` and restored afterwards: a run split across processes
+    (learner state saved with `amstream.checkpoint.save_checkpoint`, reloaded with
+    `learner_from_state`) gives bit-identical weights and memories.
 
-    The data order of each experience is drawn from a torch RNG seeded with
-    ``(learner.config.seed, experience id, learner.n_updates)`` and the global RNG is
-    restored afterwards, so a run split across processes (learner state saved with
-    `amstream.checkpoint.save_checkpoint`, reloaded with `learner_from_state`) gives
-    bit-identical weights and memories, and training leaves the caller's RNG untouched.
+    **Task-incremental** (``task_classes``): ``strategy.model`` is a `TaskHeadsModule`
+    (an Avalanche ``MultiTaskModule``); task t's head is the outputs ``task_classes[t]`` of
+    the learner's output layer. Training maps the task-local label to its output and runs
+    the AM update with the full softmax (the learner has one output layer); prediction
+    compares only the task's outputs.
     """
 
     def __init__(
@@ -325,6 +347,8 @@ class AMStrategy(SupervisedTemplate):
         eval_every: int = -1,
         peval_mode: str = "epoch",
         task_classes: Mapping[int, Sequence[int]] | None = None,
+        penalty_lr: float = 1e-3,
+        data_seed: int | None = None,
     ):
         if isinstance(learner, AMConfig):
             learner = make_learner(learner, device=device or "cpu")
@@ -335,42 +359,42 @@ class AMStrategy(SupervisedTemplate):
         if train_mb_size < 1 or train_epochs < 1:
             raise ConfigError(f"`train_mb_size` and `train_epochs` must be >= 1, got `{train_mb_size}`, "
                               f"`{train_epochs}`")
+        if not penalty_lr >= 0:
+            raise ConfigError(f"`penalty_lr` must be >= 0, got `{penalty_lr}`")
         self.learner = learner
+        for param in learner.model.parameters():  # plugins' penalties and EWC's Fisher need gradients
+            param.requires_grad_(True)
+        self.data_seed = int(learner.config.seed if data_seed is None else data_seed)
         model: nn.Module = LearnerModule(learner) if task_classes is None else TaskHeadsModule(learner, task_classes)
         super().__init__(
-            model=model, optimizer=None, criterion=nn.CrossEntropyLoss(),  # type: ignore[arg-type]
-            train_mb_size=train_mb_size, train_epochs=train_epochs, eval_mb_size=eval_mb_size,
-            device=learner.device, plugins=plugins,
+            model=model, optimizer=torch.optim.SGD(learner.model.parameters(), lr=penalty_lr),
+            criterion=nn.CrossEntropyLoss(), train_mb_size=train_mb_size, train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size, device=learner.device, plugins=plugins,
             evaluator=default_evaluator() if evaluator is None else evaluator,
             eval_every=eval_every, peval_mode=peval_mode)
         self._outer_rng: Tensor | None = None
-        self._warn_unfired_callbacks()
 
-    # -- no optimizer: AM updates inside learner.learn -------------------------------
+    # -- the optimizer is the penalties' SGD: keep it across experiences -------------
     def make_optimizer(self, **kwargs: Any) -> None:
         pass
 
-    def _warn_unfired_callbacks(self) -> None:
-        for plugin in self.plugins:
-            if isinstance(plugin, EvaluationPlugin):
-                continue
-            used = [cb for cb in UNFIRED_CALLBACKS
-                    if getattr(type(plugin), cb, None) is not getattr(SupervisedPlugin, cb, None)]
-            if used:
-                warnings.warn(
-                    f"plugin `{type(plugin).__name__}` acts in {', '.join(used)}, which AMStrategy never "
-                    "calls (AM has no backward pass and updates inside `learner.learn`): it will have "
-                    "no effect on training", UserWarning, stacklevel=3)
+    # -- data order ----------------------------------------------------------------------
+    def _exp_id(self) -> int:
+        return int(getattr(self.experience, "current_experience", 0))
 
-    # -- deterministic data order ------------------------------------------------------
-    def _data_seed(self) -> int:
-        exp_id = int(getattr(self.experience, "current_experience", 0))
-        seq = np.random.SeedSequence([int(self.learner.config.seed), exp_id, int(self.learner.n_updates)])
-        return int(seq.generate_state(1, np.uint64)[0] % (2**63 - 1))
+    def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = True, pin_memory: Any = None,
+                              persistent_workers: bool = False, drop_last: bool = False, **kwargs: Any) -> None:
+        args = self._obtain_common_dataloader_parameters(
+            batch_size=self.train_mb_size, num_workers=num_workers, shuffle=False, pin_memory=pin_memory,
+            persistent_workers=persistent_workers, drop_last=drop_last)
+        args.pop("shuffle", None)
+        sampler = _TrainingOrder(len(self.adapted_dataset), seed=self.data_seed, task=self._exp_id())
+        self.dataloader = torch.utils.data.DataLoader(self.adapted_dataset, sampler=sampler, **args)
 
     def _before_training_exp(self, **kwargs: Any) -> None:
         self._outer_rng = torch.get_rng_state()
-        torch.manual_seed(self._data_seed())
+        seq = np.random.SeedSequence([self.data_seed, self._exp_id(), int(self.learner.n_updates)])
+        torch.manual_seed(int(seq.generate_state(1, np.uint64)[0] % (2**63 - 1)))
         super()._before_training_exp(**kwargs)
 
     def _after_training_exp(self, **kwargs: Any) -> None:
@@ -381,28 +405,24 @@ class AMStrategy(SupervisedTemplate):
                 torch.set_rng_state(self._outer_rng)
                 self._outer_rng = None
 
-    # -- one AM step per minibatch -------------------------------------------------------
-    def training_epoch(self, **kwargs: Any) -> None:
-        heads = self.model if isinstance(self.model, TaskHeadsModule) else None
-        for self.mbatch in self.dataloader:
-            if self._stop_training:
-                break
-            self._unpack_minibatch()
-            self._before_training_iteration(**kwargs)
-            self._before_forward(**kwargs)
-            x = self.mb_x.reshape(self.mb_x.shape[0], -1)
+    # -- the update: AM, then the plugins' penalty ---------------------------------------
+    def _before_backward(self, **kwargs: Any) -> None:
+        self.loss = self.loss.detach()  # AM minimizes the criterion itself: only penalties flow back
+        super()._before_backward(**kwargs)
+
+    def backward(self) -> None:
+        if self.loss.requires_grad:
+            self.loss.backward(retain_graph=self.retain_graph)
+
+    def optimizer_step(self) -> None:
+        x = self.mb_x.reshape(self.mb_x.shape[0], -1)
+        if isinstance(self.model, TaskHeadsModule):
+            y = self.model.global_labels(self.mb_y, self.mb_task_id)
+        else:
             y = self.mb_y
-            if heads is not None:
-                task = self.mb_task_id
-                update = self.learner.learn(x, heads.global_labels(y, task))
-                self.mb_output = heads.local_logits(update.outputs, task)
-            else:
-                update = self.learner.learn(x, y)
-                self.mb_output = update.outputs
-            self.loss = self.criterion()
-            self._after_forward(**kwargs)
-            self._after_update(**kwargs)
-            self._after_training_iteration(**kwargs)
+        with torch.no_grad():
+            self.learner.learn(x, y)
+        self.optimizer.step()
 
 
 # =========================================================================== evaluation
@@ -550,6 +570,7 @@ BASELINES: dict[str, dict[str, Any]] = {
     "si": {"si_lambda": 100.0},
     "lwf": {"alpha": 1.0, "temperature": 2.0},
     "replay": {"mem_size": 500},
+    "cumulative": {},
 }
 
 
@@ -568,14 +589,15 @@ def make_baseline(
     evaluator: Any = None,
     **hyper: Any,
 ) -> SupervisedTemplate:
-    """An Avalanche strategy with an MLP and Adam: naive, ewc, si (CPU bug fixed), lwf, replay.
+    """An Avalanche strategy with an MLP and Adam: naive, ewc, si (CPU bug fixed), lwf, replay,
+    cumulative (retrains on all experiences so far: the upper bound).
 
     The MLP is ``arch`` with ReLU (PyTorch's default init, seeded with ``seed``); with
     ``task_aware`` the last layer is a ``MultiHeadClassifier`` (one head per task, each as
     wide as its task's classes; ``arch[-1]`` is then unused). ``hyper`` overrides `BASELINES` defaults (``ewc_lambda``, ``si_lambda``,
     ``alpha``, ``temperature``, ``mem_size``).
     """
-    from avalanche.training.supervised import EWC, LwF, Naive
+    from avalanche.training.supervised import EWC, Cumulative, LwF, Naive
 
     if name not in BASELINES:
         raise ConfigError(f"`strategy` must be one of {', '.join(BASELINES)}; got `{name}`")
@@ -591,6 +613,8 @@ def make_baseline(
                   evaluator=default_evaluator() if evaluator is None else evaluator)
     if name == "ewc":
         return EWC(ewc_lambda=h["ewc_lambda"], **common)
+    if name == "cumulative":
+        return Cumulative(**common)
     if name == "lwf":
         return LwF(alpha=h["alpha"], temperature=h["temperature"], **common)
     if name == "si":

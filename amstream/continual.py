@@ -52,6 +52,8 @@ __all__ = [
     "accuracy",
     "training_order",
     "plot_accuracy_matrix",
+    "PRESETS",
+    "preset_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,31 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                       "Split-Fashion-MNIST, class-incremental: 5 tasks of 2 classes, one 10-way head"),
     )
 }
+
+
+#: Named AM settings for ``amstream continual --preset NAME`` (and `preset_config`): the
+#: best of the validation grid of ``benchmarks/continual_benchmark.py --tune`` (Permuted-MNIST,
+#: 5 tasks, a validation split of the training set; benchmarks/results/continual_tuning.md).
+#: With no preset every strategy uses `~amstream.config.AMConfig`'s defaults, as
+#: ``amstream serve --algo ...`` does.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "permuted-mnist": {"am-mem": {"mu": 10.0, "lr_out": 3e-3, "mem_decay": 1.0, "mem_sweeps": 1},
+                       "am-adam": {"mu": 1.0, "lr": 1e-3, "lr_out": 1e-3}},
+    # AM-mem with a replay buffer (`--replay 500`): the best of ``continual_benchmark.py --tune-replay``
+    # on Split-Fashion-MNIST (benchmarks/results/continual_tuning_replay.md)
+    "replay": {"am-mem": {"mu": 1.0, "lr_out": 1e-2, "mem_decay": 0.99}},
+}
+
+
+def preset_config(algo: str, preset: str | None = None, **overrides: Any) -> Any:
+    """The `~amstream.config.AMConfig` of ``algo`` (``am-mem``, ``am-adam``) under ``preset``
+    (a key of `PRESETS`; None: AMConfig's defaults), with ``overrides`` on top."""
+    from amstream.config import AMConfig
+
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"`preset` must be one of {', '.join(PRESETS)}; got `{preset}`")
+    hyper = dict(PRESETS[preset].get(algo, {})) if preset else {}
+    return AMConfig(**{"algo": algo, **hyper, **overrides})
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,8 +201,20 @@ def subsample_per_class(y: np.ndarray, n_per_class: int | None, *, seed: int = 0
     return np.sort(np.concatenate(keep))
 
 
+def _by_class(dataset: Any) -> Any:
+    """``dataset`` with its training samples grouped by class (a stable sort): the order the
+    experiences of Avalanche's benchmarks keep, so `training_order` picks the same samples
+    from a `Task` and from its Avalanche experience."""
+    order = np.argsort(dataset.y_train, kind="stable")
+    if np.array_equal(order, np.arange(len(order))):
+        return dataset
+    return dataclasses.replace(dataset, x_train=dataset.x_train[order], y_train=dataset.y_train[order])
+
+
 def split_tasks(dataset: Any, n_tasks: int = 5, *, class_order: Sequence[int] | None = None) -> list[Task]:
-    """Split ``dataset`` (a `~amstream.datasets.Dataset`) into tasks of disjoint classes."""
+    """Split ``dataset`` (a `~amstream.datasets.Dataset`) into tasks of disjoint classes
+    (each task's training samples grouped by class, in the order of ``class_order``'s sort)."""
+    dataset = _by_class(dataset)
     n_classes = int(dataset.n_classes)
     tasks = []
     for t, classes in enumerate(class_splits(n_classes, n_tasks, class_order)):
@@ -187,9 +226,11 @@ def split_tasks(dataset: Any, n_tasks: int = 5, *, class_order: Sequence[int] | 
 
 
 def permuted_tasks(dataset: Any, n_tasks: int = 10) -> list[Task]:
-    """``n_tasks`` pixel-permuted copies of ``dataset`` (views: no arrays are copied)."""
+    """``n_tasks`` pixel-permuted copies of ``dataset`` (views of one array, its training
+    samples grouped by class)."""
     if n_tasks < 1:
         raise ConfigError(f"`n_tasks` must be >= 1, got `{n_tasks}`")
+    dataset = _by_class(dataset)
     classes = tuple(range(int(dataset.n_classes)))
     d = int(dataset.x_train.shape[1])
     return [Task(t, classes, dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,

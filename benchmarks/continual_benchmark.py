@@ -6,20 +6,25 @@ the baselines, Adam lr 1e-3 as in shared/notes/continual-baselines.md) and are s
 from the same accuracy matrix (average accuracy, forgetting = -BWT, learning accuracy).
 
 Benchmarks: Split-MNIST class-incremental (split-mnist), task-incremental
-(split-mnist-task: AM uses one shared 10-way head masked to the task's outputs at test
-time; the baselines use one MultiHeadClassifier head per task) and Permuted-MNIST
-(permuted-mnist, 10 tasks; ``--permuted-train-per-class`` picks a subset, see below).
+(split-mnist-task: AM's task heads are the task's outputs of its one output layer, a
+MultiTaskModule; the baselines use one MultiHeadClassifier head per task), Permuted-MNIST
+(permuted-mnist, 10 tasks; ``--permuted-train-per-class`` picks a subset, see below) and
+Split-Fashion-MNIST. The CSV accumulates: runs already in ``<prefix>_runs.csv`` are skipped
+(``--fresh`` starts anew). Every run records seed, threads, device and the load average.
 
 Baseline hyperparameters are the ones measured in continual-baselines.md (EWC lambda
 5e3, 1e5 for task-IL; SI lambda 100 with the CPU bug fixed by
 `FixedSynapticIntelligencePlugin`; LwF alpha 1, T 2; Replay 500 samples). AM's come
 from ``--tune``: a small grid on a *validation* split carved out of the MNIST training
 set (never the test set), run with the plain loop of `amstream.continual` (same learner,
-same scores; no Avalanche overhead). Its winners are `AM_TUNED` below.
+same scores; no Avalanche overhead). Its winners are the preset `permuted-mnist`
+of `amstream.continual.PRESETS` (runs named `*-pm` below; `AM_RUNS`).
 
     python benchmarks/continual_benchmark.py --quick            # 1 seed, subsets: a few minutes
     python benchmarks/continual_benchmark.py --tune             # the validation grid
-    python benchmarks/continual_benchmark.py --seeds 0 1 2 --jobs 2
+    python benchmarks/continual_benchmark.py --tune-replay      # AM-mem + Replay grid, Split-Fashion-MNIST
+    python benchmarks/continual_benchmark.py --prefix continual_full --permuted-train-per-class 0 \
+        --permuted-test-per-class 0                             # the full protocol, seeds 1 2 3
     python benchmarks/continual_benchmark.py --benchmarks permuted-mnist --strategies am-mem ewc naive
 
 Writes (under benchmarks/results/, prefix ``continual`` or ``continual_quick``): ``_runs.csv``
@@ -46,15 +51,22 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCH = (784, 400, 400, 10)
 BATCH = 128
-ALL_STRATEGIES = ("am-adam", "am-mem", "am-mem-decay", "naive", "ewc", "si", "lwf", "replay")
-ALL_BENCHMARKS = ("split-mnist", "split-mnist-task", "permuted-mnist")
+ALL_STRATEGIES = ("am-adam", "am-mem", "am-adam-pm", "am-mem-pm", "am-mem-decay", "am-mem-replay", "am-mem-pm-replay",
+                  "am-mem-replay-tuned", "naive", "ewc", "si", "lwf", "replay", "cumulative")
+ALL_BENCHMARKS = ("split-mnist", "split-mnist-task", "permuted-mnist", "split-fashion-mnist")
 
-#: AM hyperparameters chosen by ``--tune`` (validation split; see continual_tuning.md).
-AM_TUNED: dict[str, dict[str, Any]] = {
-    # best of the grid on the Permuted-MNIST validation split (continual_tuning.md), used everywhere
-    "am-adam": {"algo": "am-adam", "mu": 1.0, "lr": 1e-3, "lr_out": 1e-3},
-    "am-mem": {"algo": "am-mem", "mu": 10.0, "lr_out": 3e-3, "mem_decay": 1.0, "mem_sweeps": 1},
-    "am-mem-decay": {"algo": "am-mem", "mu": 10.0, "lr_out": 3e-3, "mem_decay": 0.95, "mem_sweeps": 1},
+#: The AM runs: (algorithm, preset of `amstream.continual.PRESETS` or None = AMConfig's defaults,
+#: overrides, ReplayPlugin size). "am-mem" and "am-adam" are what `amstream continual --strategy
+#: am-mem` / `am-adam` run with nothing set.
+AM_RUNS: dict[str, tuple[str, str | None, dict[str, Any], int]] = {
+    "am-adam": ("am-adam", None, {}, 0),
+    "am-mem": ("am-mem", None, {}, 0),
+    "am-adam-pm": ("am-adam", "permuted-mnist", {}, 0),
+    "am-mem-pm": ("am-mem", "permuted-mnist", {}, 0),
+    "am-mem-decay": ("am-mem", "permuted-mnist", {"mem_decay": 0.95}, 0),
+    "am-mem-replay": ("am-mem", None, {}, 500),
+    "am-mem-pm-replay": ("am-mem", "permuted-mnist", {}, 500),
+    "am-mem-replay-tuned": ("am-mem", "replay", {}, 500),  # the winner of --tune-replay, as a preset
 }
 #: Baseline hyperparameters (continual-baselines.md); EWC's lambda depends on the benchmark.
 EWC_LAMBDA = {"split-mnist": 5e3, "split-mnist-task": 1e5, "permuted-mnist": 5e3, "split-fashion-mnist": 5e3}
@@ -115,10 +127,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     bm = _benchmark(name, job["train_per_class"], job["test_per_class"])
     t0 = time.perf_counter()
     if strategy_name.startswith("am-"):
-        cfg = AMConfig(arch=ARCH, activation="relu", seed=seed, **AM_TUNED[strategy_name])
+        from avalanche.training.plugins import ReplayPlugin
+
+        from amstream.continual import preset_config
+
+        algo, preset, overrides, replay = AM_RUNS[strategy_name]
+        cfg = preset_config(algo, preset, arch=ARCH, activation="relu", seed=seed, **overrides)
         strategy = av.AMStrategy(learner=make_learner(cfg), train_mb_size=BATCH, train_epochs=job["epochs"],
+                                 plugins=[ReplayPlugin(mem_size=replay)] if replay else None,
                                  task_classes=av.task_classes_of(bm) if spec.task_aware else None)
         hyper = {k: v for k, v in cfg.to_dict().items() if k in ("mu", "lr", "lr_out", "mem_decay", "mem_sweeps")}
+        hyper.update(preset=preset, replay=replay)
     else:
         hyper = {"ewc_lambda": EWC_LAMBDA[name]} if strategy_name == "ewc" else {}
         strategy = av.make_baseline(strategy_name, arch=ARCH, task_aware=spec.task_aware, lr=1e-3,
@@ -133,6 +152,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, **summarize(rows), "stream_accuracy": last.get("stream_accuracy"),
             "avalanche_forgetting": last.get("stream_forgetting"), "wall_s": round(wall, 1),
             "threads": torch.get_num_threads(), "device": "cpu", "hyper": json.dumps(hyper),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
             "matrix": json.dumps([[round(a, 4) for a in r] for r in rows])}
 
 
@@ -193,13 +213,46 @@ def tune(args: argparse.Namespace) -> None:
              f"{args.tune_tasks} tasks; seed 0; threads {args.threads}; plain loop of amstream.continual. Rows in the "
              "order they were run (stage 1, then stage 2: see `TUNE_GRID`). Selection: the highest Permuted-MNIST "
              "validation average accuracy per family: AM-Adam, AM-mem with gamma = 1 (the paper's plain sums) "
-             "and AM-mem with gamma < 1 (`AM_TUNED`), then used on every benchmark.", "",
+             "and AM-mem with gamma < 1 (preset `permuted-mnist` of `amstream.continual.PRESETS`).", "",
              "| benchmark | family | hyperparameters | val. avg acc | forgetting | learning acc |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['benchmark']} | {r['family']} | `{r['hyper']}` | {r['average_accuracy']:.3f} | "
                      f"{r['forgetting']:.3f} | {r['learning_accuracy']:.3f} |")
     (RESULTS / "continual_tuning.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and continual_tuning.md")
+
+
+#: ``--tune-replay``: AM-mem with ReplayPlugin(500), on the tuning benchmark Split-Fashion-MNIST only
+#: (full protocol, seed 1). Rule fixed before the runs: the highest average accuracy wins and becomes
+#: the run ``am-mem-replay-tuned``, reported on Split-MNIST (3 seeds) without further changes.
+TUNE_REPLAY: list[dict[str, Any]] = [
+    {"lr_out": lo, "mu": mu, "mem_decay": g} for lo in (1e-3, 1e-2) for mu in (0.1, 1.0) for g in (1.0, 0.99)]
+
+
+def tune_replay(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = RESULTS / "continual_tuning_replay.csv"
+    rows = []
+    for overrides in TUNE_REPLAY:
+        AM_RUNS["am-mem-replay-grid"] = ("am-mem", None, overrides, 500)
+        r = run_one({"benchmark": "split-fashion-mnist", "strategy": "am-mem-replay-grid", "seed": 1, "epochs": 1,
+                     "train_per_class": None, "test_per_class": None})
+        r["overrides"] = json.dumps(overrides)
+        rows.append(r)
+        print(json.dumps({k: r[k] for k in ("overrides", "average_accuracy", "forgetting", "wall_s", "loadavg_1m")}),
+              flush=True)
+        _write_csv(out, rows)
+    best = max(rows, key=lambda r: r["average_accuracy"])
+    lines = ["# AM-mem + ReplayPlugin(500): grid on Split-Fashion-MNIST (tuning benchmark)", "",
+             "Full protocol (all training images, 784-400-400-10, batch 128, 1 epoch), seed 1, "
+             f"{args.threads} thread; rule fixed before the runs: the highest Acc wins. Best: `{best['overrides']}`.", "",
+             "| overrides of AMConfig(algo='am-mem') | Acc | F | s | load |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['overrides']}` | {r['average_accuracy']:.3f} | {r['forgetting']:.3f} | {r['wall_s']:.0f} | "
+              f"{r['loadavg_1m']} |" for r in rows]
+    (RESULTS / "continual_tuning_replay.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -255,7 +308,7 @@ def plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], prefix: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benches = [b for b in ALL_BENCHMARKS + ("split-fashion-mnist",) if any(s["benchmark"] == b for s in summary)]
+    benches = [b for b in ALL_BENCHMARKS if any(s["benchmark"] == b for s in summary)]
     fig, axes = plt.subplots(2, len(benches), figsize=(4.2 * len(benches), 6.0), squeeze=False)
     for j, bench in enumerate(benches):
         rows = [s for s in summary if s["benchmark"] == bench]
@@ -307,19 +360,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="1 seed, subsets (split: 2000 train / 200 test per class; permuted: 400 / 100)")
     p.add_argument("--tune", action="store_true", help="run the AM validation grid instead")
-    p.add_argument("--benchmarks", nargs="+", default=list(ALL_BENCHMARKS), choices=ALL_BENCHMARKS + ("split-fashion-mnist",))
+    p.add_argument("--tune-replay", action="store_true",
+                   help="run the AM-mem + Replay grid on Split-Fashion-MNIST instead (TUNE_REPLAY)")
+    p.add_argument("--benchmarks", nargs="+", default=list(ALL_BENCHMARKS), choices=ALL_BENCHMARKS)
     p.add_argument("--strategies", nargs="+", default=list(ALL_STRATEGIES), choices=ALL_STRATEGIES)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train-per-class", type=int, default=None, help="split benchmarks (default: all)")
     p.add_argument("--test-per-class", type=int, default=None, help="all benchmarks (default: all)")
     p.add_argument("--permuted-train-per-class", type=int, default=1000,
                    help="Permuted-MNIST training samples per class and task (default 1000 = 10,000 per task; "
                         "0 = all 60,000)")
-    p.add_argument("--permuted-test-per-class", type=int, default=500)
+    p.add_argument("--permuted-test-per-class", type=int, default=500, help="(0 = all 10,000)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, 1 thread each)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prefix", default=None)
+    p.add_argument("--fresh", action="store_true", help="start a new <prefix>_runs.csv (default: add to it)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild summary and plots from <prefix>_runs.csv")
     p.add_argument("--tune-benchmarks", nargs="+", default=["permuted-mnist", "split-mnist"])
     p.add_argument("--tune-tasks", type=int, default=5)
@@ -328,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.tune:
         tune(args)
+        return 0
+    if args.tune_replay:
+        tune_replay(args)
         return 0
     prefix = args.prefix or ("continual_quick" if args.quick else "continual")
     if args.summarize_only:  # rebuild the table and plots from the runs CSV (e.g. of an interrupted run)
@@ -352,11 +411,21 @@ def main(argv: list[str] | None = None) -> int:
                 perm = bench == "permuted-mnist"
                 jobs.append({"benchmark": bench, "strategy": strat, "seed": seed, "epochs": args.epochs,
                              "train_per_class": (args.permuted_train_per_class or None) if perm else args.train_per_class,
-                             "test_per_class": args.permuted_test_per_class if perm else args.test_per_class})
+                             "test_per_class": (args.permuted_test_per_class or None) if perm else args.test_per_class})
     print(f"{len(jobs)} runs, {args.jobs} at a time, {args.threads} thread(s) each, device cpu; python {sys.version.split()[0]}",
           flush=True)
     runs: list[dict[str, Any]] = []
     out = RESULTS / f"{prefix}_runs.csv"
+    if out.exists() and not args.fresh:  # resume: runs already in the CSV are kept, not rerun
+        with open(out) as f:
+            runs = list(csv.DictReader(f))
+        for r in runs:
+            r["seed"] = int(r["seed"])
+            for k in ("average_accuracy", "forgetting", "bwt", "max_forgetting", "learning_accuracy", "wall_s"):
+                r[k] = float(r[k])
+        done = {(r["benchmark"], r["strategy"], r["seed"]) for r in runs}
+        jobs = [j for j in jobs if (j["benchmark"], j["strategy"], j["seed"]) not in done]
+        print(f"{len(runs)} runs already in {out.name}; {len(jobs)} to go", flush=True)
     from tqdm.auto import tqdm
 
     ctx = mp.get_context("spawn")

@@ -5,7 +5,6 @@ Small and seeded: MNIST subsets of a few hundred samples per class and small MLP
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -130,12 +129,71 @@ def test_task_aware_am_strategy_masks_to_the_task(split_tasks):
         strategy.model(torch.from_numpy(split_tasks[1].x_test[:1]), 7)
 
 
-def test_plugins_that_need_a_backward_pass_are_reported():
-    with pytest.warns(UserWarning, match=r"`EWCPlugin` acts in before_backward"):
-        av.AMStrategy(learner=AMConfig(arch=(784, 10), algo="am-adam"), plugins=[EWCPlugin(ewc_lambda=1.0)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        av.AMStrategy(learner=AMConfig(arch=(784, 10), algo="am-adam"), plugins=[ReplayPlugin(mem_size=10)])
+def _weights(learner):
+    return [p.detach().clone() for p in learner.model.parameters()]
+
+
+@pytest.mark.parametrize("algo", ["am-mem", "am-adam"])
+def test_ewc_plugin_penalty_reaches_the_am_update(split_tasks, algo):
+    """EWC's penalty is back-propagated and stepped after the AM update (penalty_lr); with
+    penalty_lr 0 the run is the plain AM run, bit for bit."""
+    bm = av.benchmark_from_tasks(split_tasks[:2])
+    cfg = AMConfig(arch=(784, 32, 10), algo=algo, seed=2)
+    runs = {}
+    for name, plugins, lr in (("plain", [], 1e-3), ("ewc-off", [EWCPlugin(ewc_lambda=3000.0)], 0.0),
+                              ("ewc", [EWCPlugin(ewc_lambda=3000.0)], 1e-3)):
+        strategy = av.AMStrategy(learner=cfg, train_mb_size=32, plugins=plugins, penalty_lr=lr)
+        strategy.train(bm.train_stream[0], eval_streams=[])
+        after0 = _weights(strategy.learner)
+        strategy.train(bm.train_stream[1], eval_streams=[])
+        runs[name] = (after0, _weights(strategy.learner), plugins)
+    # EWC's Fisher came from strategy.model's gradients: the learner's weights
+    fisher = runs["ewc"][2][0].importances[0]
+    assert sum(float(v.data.abs().sum()) for v in fisher.values()) > 0
+    for a, b in zip(runs["plain"][1], runs["ewc-off"][1]):
+        assert torch.equal(a, b)
+    # the anchor holds the output layer (where EWC's Fisher is largest) nearer experience 0's weights
+    drift = {k: sum(float((w1 - w0).pow(2).sum()) for w0, w1 in list(zip(*runs[k][:2]))[-2:])
+             for k in ("plain", "ewc")}
+    assert drift["ewc"] < drift["plain"]
+
+
+def test_lwf_and_si_plugins_compose_with_am(split_tasks):
+    from avalanche.training.plugins import LwFPlugin
+
+    bm = av.benchmark_from_tasks(split_tasks[:2])
+    weights = {}
+    for name, plugins in (("plain", []), ("lwf", [LwFPlugin(alpha=1.0, temperature=2.0)]),
+                          ("si", [av.FixedSynapticIntelligencePlugin(si_lambda=10.0)])):
+        strategy = av.AMStrategy(learner=AMConfig(arch=(784, 32, 10), algo="am-adam", seed=0), train_mb_size=32,
+                                 plugins=plugins)
+        rows = [item["accuracies"] for item in av.iter_experiences(strategy, bm)]
+        assert rows[0][0] > 0.6, name
+        weights[name] = _weights(strategy.learner)
+        assert all(torch.isfinite(w).all() for w in weights[name]), name
+    # LwF's distillation penalty moved the weights; SI's importances come from .grad, which
+    # holds only penalties under AM (zero in the first experience), so SI changes nothing
+    assert not all(torch.equal(a, b) for a, b in zip(weights["plain"], weights["lwf"]))
+    assert all(torch.equal(a, b) for a, b in zip(weights["plain"], weights["si"]))
+
+
+@pytest.mark.parametrize("task_labels", [False, True])
+def test_am_strategy_trains_in_the_continual_loops_order(split_tasks, task_labels):
+    """Without replay AMStrategy sees iter_continual's minibatches: same weights, same matrix."""
+    from amstream.continual import iter_continual
+
+    tasks = split_tasks[:3]
+    bm = av.benchmark_from_tasks(tasks, task_labels=task_labels)
+    cfg = AMConfig(arch=(784, 32, 10), algo="am-mem", seed=4)
+    strategy = av.AMStrategy(learner=cfg, train_mb_size=32, train_epochs=2,
+                             task_classes=av.task_classes_of(bm) if task_labels else None)
+    rows = [item["accuracies"] for item in av.iter_experiences(strategy, bm)]
+    plain = make_learner(cfg)
+    want = [item["accuracies"] for item in iter_continual(plain, tasks, batch_size=32, epochs=2, seed=4,
+                                                          task_aware=task_labels)]
+    assert rows == want
+    for a, b in zip(_weights(strategy.learner), _weights(plain)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("algo", ["am-mem", "am-adam"])
@@ -223,3 +281,48 @@ def test_cli_json_checkpoint_and_resume(tmp_path, capsys):
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert main(["continual", "--resume", str(ckpt), "--strategy", "am-adam", "--quiet"]) == 1
     assert "the resumed run used `am-mem`" in capsys.readouterr().err
+
+
+def test_cli_with_nothing_set_uses_amconfig_defaults_and_presets_are_named(capsys):
+    from amstream.cli import main
+    from amstream.commands.continual import _am_config, register  # noqa: F401
+    from amstream.continual import PRESETS, preset_config
+
+    assert preset_config("am-mem") == AMConfig(algo="am-mem")
+    assert preset_config("am-mem", "permuted-mnist").mu == PRESETS["permuted-mnist"]["am-mem"]["mu"]
+    with pytest.raises(ConfigError, match="`preset` must be one of"):
+        preset_config("am-mem", "nope")
+    with pytest.raises(SystemExit):
+        main(["continual", "--help"])
+    assert "--preset {permuted-mnist,replay}" in capsys.readouterr().out
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_cli_and_serve_give_the_same_matrix_on_the_same_sequence(tansu, tmp_path, capsys):
+    """`amstream continual` (Avalanche) and `amstream serve` on the sequence `produce --benchmark`
+    writes (the same tasks, the same training order): the same accuracy matrix."""
+    from serve_child import Serve
+
+    from amstream.cli import main
+    from amstream.connectors.broker import EmbeddedBroker
+
+    size = ["--train-per-class", "60", "--test-per-class", "30"]
+    assert main(["continual", "--benchmark", "split-mnist", "--strategy", "am-mem", "--arch", "784-32-10",
+                 "--batch-size", "32", "--seed", "0", *size, "--quiet", "--json", "--plot", "none"]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with EmbeddedBroker() as broker:
+        servers = broker.bootstrap_servers
+        assert main(["produce", "--benchmark", "split-mnist", "--topic", "tasks", "--bootstrap-servers", servers,
+                     "--codec", "binary", *size, "--seed", "0", "--eval-file", str(tmp_path / "eval.npz"),
+                     "--json"]) == 0
+        capsys.readouterr()
+        serve = Serve(["--topic", "tasks", "--bootstrap-servers", servers, "--group-id", "cli-vs-serve",
+                       "--eval-source", str(tmp_path / "eval.npz"), "--idle-exit", "2", "--algo", "am-mem",
+                       "--arch", "784-32-10", "--n-classes", "10", "--batch-size", "32", "--seed", "0",
+                       "--log-every", "0", "--json"], tmp_path, "serve")
+        assert serve.join(120) == 0, serve.log()[-3000:]
+    lines = [json.loads(line) for line in serve.out.read_text().splitlines() if line.startswith("{")]
+    served = lines[-1]["continual"]["matrix"]
+    np.testing.assert_allclose(served, cli["accuracy_matrix"], atol=1e-6)
+    assert cli["average_accuracy"] == pytest.approx(np.mean(served[-1]), abs=1e-6)

@@ -18,24 +18,22 @@ Examples
     $ amstream continual --benchmark split-mnist --strategy am-mem --experiences 2 --checkpoint run.ckpt
     $ amstream continual --resume run.ckpt --checkpoint run.ckpt      # experiences 3..5
     $ amstream continual --benchmark split-mnist --strategy am-mem --replay 500
+    $ amstream continual --benchmark permuted-mnist --strategy am-mem --preset permuted-mnist
+
+With nothing set, AM-Adam and AM-mem use AMConfig's defaults, the same rule as
+``amstream serve --algo am-mem``. Presets (``--preset NAME``) are named settings tuned on
+held-out tasks: permuted-mnist (am-mem: mu 10; am-adam: lr 1e-3, lr-out 1e-3) and replay
+(am-mem with ``--replay 500``: lr-out 1e-2, mem-decay 0.99; tuned on Split-Fashion-MNIST).
 """
 from __future__ import annotations
 
 import argparse
 
 AM_STRATEGIES = ("am-adam", "am-mem")
-BASELINE_STRATEGIES = ("naive", "ewc", "si", "lwf", "replay")
+BASELINE_STRATEGIES = ("naive", "ewc", "si", "lwf", "replay", "cumulative")
 BENCHMARK_NAMES = ("split-mnist", "split-mnist-task", "permuted-mnist", "split-fashion-mnist")
 
-#: AM hyperparameters when none are given on the command line: the best of the small
-#: validation grid of ``benchmarks/continual_benchmark.py --tune`` (Permuted-MNIST, a split
-#: of the training set; benchmarks/results/continual_tuning.md). AM-mem keeps the paper's
-#: plain sums (gamma = 1); ``--mem-decay 0.95`` was the best forgetting factor there.
-AM_DEFAULTS = {
-    "am-adam": {"mu": 1.0, "lr": 1e-3, "lr_out": 1e-3},
-    "am-mem": {"mu": 10.0, "lr_out": 3e-3, "mem_decay": 1.0, "mem_sweeps": 1},
-}
-
+from amstream.continual import PRESETS
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
@@ -58,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="use a random subset of N test samples per class")
     am = p.add_argument_group("AM hyperparameters (am-adam, am-mem)")
     am.add_argument("--arch", default="784-400-400-10", help="layer sizes (default 784-400-400-10)")
+    am.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="named AM settings (default: AMConfig's defaults, as `serve`): "
+                         + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     am.add_argument("--mu", type=float, default=None, help="penalty weight mu")
     am.add_argument("--lr", type=float, default=None,
                     help="hidden layers' Adam step (AM-Adam); baselines' Adam step (default 1e-3)")
@@ -106,17 +107,11 @@ def _settings(args: argparse.Namespace, saved: dict | None) -> dict:
 
 
 def _am_config(args: argparse.Namespace, s: dict):
-    from amstream import AMConfig
+    from amstream.continual import preset_config
 
-    hyper = dict(AM_DEFAULTS[s["strategy"]])
-    for key in ("mu", "lr", "lr_out", "mem_decay", "mem_sweeps"):
-        value = getattr(args, key)
-        if value is not None:
-            hyper[key] = value
-    if s["strategy"] == "am-adam":
-        hyper.pop("mem_decay", None)
-        hyper.pop("mem_sweeps", None)
-    return AMConfig(arch=args.arch, activation="relu", algo=s["strategy"], seed=s["seed"], **hyper)
+    hyper = {key: getattr(args, key) for key in ("mu", "lr", "lr_out", "mem_decay", "mem_sweeps")
+             if getattr(args, key) is not None}
+    return preset_config(s["strategy"], args.preset, arch=args.arch, activation="relu", seed=s["seed"], **hyper)
 
 
 def run(args: argparse.Namespace) -> int:
