@@ -43,7 +43,8 @@ from typing import Any, TypedDict, Union
 
 import torch
 
-from amstream.exceptions import CheckpointError
+from amstream.exceptions import CheckpointError, CheckpointsLostError
+from amstream.faults import kill_point
 
 __all__ = [
     "FORMAT_VERSION",
@@ -138,10 +139,12 @@ def _write_atomically(path: Path, header: bytes, payload: memoryview) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
+            kill_point("checkpoint-write")
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
+        kill_point("checkpoint-rename")
     except BaseException as exc:
         try:
             os.unlink(tmp_name)
@@ -449,9 +452,17 @@ class CheckpointManager:
             logger.debug("pruned %s", p)
         return removed
 
-    def restore(self, *, map_location: Any = "cpu") -> LoadedCheckpoint | None:
+    def restore(self, *, map_location: Any = "cpu", strict: bool = False) -> LoadedCheckpoint | None:
         """Load the checkpoint with the highest step that is valid, or ``None``.
 
-        Corrupt or truncated files are skipped with a logged warning.
+        Corrupt or truncated files are skipped with a logged warning. With ``strict``, a directory
+        whose checkpoints are all unreadable raises `CheckpointError` instead of returning ``None``:
+        a model that existed is lost, which a long-running learner must not take for a first start.
         """
-        return _first_valid(self.checkpoints()[::-1], map_location)
+        paths = self.checkpoints()[::-1]
+        loaded = _first_valid(paths, map_location)
+        if loaded is None and strict and paths:
+            raise CheckpointsLostError(
+                f"none of the {len(paths)} checkpoint(s) in `{self.directory}` can be read (newest: "
+                f"`{paths[0].name}`); the model they held is lost")
+        return loaded

@@ -5,6 +5,7 @@ __all__ = [
     "AmstreamError",
     "ConfigError",
     "CheckpointError",
+    "CheckpointsLostError",
     "DatasetError",
     "OffsetError",
     "OffsetRewindError",
@@ -24,6 +25,10 @@ class ConfigError(AmstreamError, ValueError):
 
 class CheckpointError(AmstreamError, OSError):
     """A checkpoint file is missing, corrupt, truncated, or does not match the model."""
+
+
+class CheckpointsLostError(CheckpointError):
+    """A checkpoint directory holds checkpoints, and none of them can be read."""
 
 
 class DatasetError(AmstreamError, FileNotFoundError):

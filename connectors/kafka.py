@@ -44,6 +44,7 @@ Kafka-side quirks of the embedded broker (Tansu) are listed in `amstream.connect
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import threading
@@ -285,15 +286,16 @@ def create_topic(
     replication_factor: int = 1,
     exist_ok: bool = True,
     timeout_ms: int = 10000,
+    **client_config: Any,
 ) -> bool:
-    """Create a topic with kafka-python's admin client; False when it already existed."""
+    """Create a topic with kafka-python's admin client (``client_config``: its settings, e.g. TLS
+    and SASL); False when it already existed."""
     if not isinstance(partitions, int) or partitions < 1:
         raise ConfigError(f"`partitions` must be an int >= 1, got `{partitions!r}`")
     admin = connect_with_retry(
         lambda: KafkaAdminClient(
             bootstrap_servers=bootstrap_servers,
-            client_id="amstream-admin",
-            bootstrap_timeout_ms=timeout_ms,
+            **{"client_id": "amstream-admin", "bootstrap_timeout_ms": timeout_ms, **client_config},
         ),
         bootstrap_servers=bootstrap_servers,
         what="create_topic",
@@ -694,7 +696,10 @@ class KafkaSource(GroupSource):
             if not self._closing:
                 raise  # kafka-python re-raises it from poll() as KafkaError(...) from exc
             # while closing, finish closing first (kafka-python would leak its I/O thread); close() re-raises
-            log.exception("on_revoke hook failed while closing")
+            if isinstance(exc, kerrors.KafkaError):  # the broker refused the hand-over commit: said once
+                log.warning("committing the revoked partitions' offsets while closing failed: %r", exc)
+            else:
+                log.exception("on_revoke hook failed while closing")
             self._close_error = exc
         finally:
             self._tracker.forget(partitions)
@@ -818,9 +823,13 @@ class KafkaSink(Sink):
         send, topic, on_error = producer.send, self.topic, self._on_error
         for i, value in enumerate(values):
             h = None if headers is None else headers[i]
-            future = send(
-                topic, value=value, key=None if keys is None else keys[i], headers=list(h) if h else None
-            )
+            try:
+                future = send(
+                    topic, value=value, key=None if keys is None else keys[i], headers=list(h) if h else None
+                )
+            except kerrors.KafkaError as exc:  # refused before sending (too large, ...): `flush` reports it
+                on_error(exc)
+                continue
             future.add_errback(on_error)
         self.n_written += len(values)
         return len(values)
@@ -856,8 +865,18 @@ class DeadLetterSink(KafkaSink):
 
     Headers say why and where from: ``amstream.reason`` (one of the codec's reasons),
     ``amstream.detail``, ``amstream.topic``, ``amstream.partition``, ``amstream.offset``
-    (UTF-8 text).
+    (UTF-8 text). A record larger than ``max_bytes`` (key, value and headers; brokers refuse
+    messages over about 1 MB by default) is written with its value cut to fit, and two more
+    headers: ``amstream.truncated`` (the value's full length in bytes) and ``amstream.sha256``
+    (the full value's digest), so that it can be found in the source topic at its offset.
     """
+
+    def __init__(self, topic: str, *, max_bytes: int = 1_000_000, **kwargs: Any) -> None:
+        if max_bytes < 4096:
+            raise ConfigError(f"`max_bytes` of a dead-letter sink must be >= 4096, got `{max_bytes}`")
+        super().__init__(topic, **kwargs)
+        self.max_bytes = max_bytes
+        self.n_truncated = 0
 
     def write_rejections(self, records: Sequence[Record], rejections: Iterable[Any]) -> int:
         """One message per rejected record, from a decoded batch's rejections (``index``,
@@ -867,10 +886,20 @@ class DeadLetterSink(KafkaSink):
         by_record: Dict[int, List[Any]] = {}
         for r in rejections:
             by_record.setdefault(int(r.index), []).append(r)
-        bad = [records[i] for i in by_record]
-        headers = [self.headers_for(records[i], rs[0].reason, "; ".join(r.detail for r in rs))
-                   for i, rs in by_record.items()]
-        return self.write_batch([r.value for r in bad], [r.key for r in bad], headers)
+        values, keys, headers = [], [], []
+        for i, rs in by_record.items():
+            record = records[i]
+            value, h = record.value, self.headers_for(record, rs[0].reason, "; ".join(r.detail for r in rs)[:2000])
+            room = self.max_bytes - len(record.key or b"") - sum(len(k) + len(v) for k, v in h) - 512
+            if len(value) > room:
+                h += [("amstream.truncated", str(len(value)).encode("ascii")),
+                      ("amstream.sha256", hashlib.sha256(value).hexdigest().encode("ascii"))]
+                value = value[:max(0, room)]
+                self.n_truncated += 1
+            values.append(value)
+            keys.append(record.key)
+            headers.append(h)
+        return self.write_batch(values, keys, headers)
 
     @staticmethod
     def headers_for(record: Record, reason: str, detail: str = "") -> List[tuple[str, bytes]]:

@@ -60,11 +60,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Kafka message format; auto accepts JSON and binary (default)")
     g.add_argument("--max-message-bytes", type=int, default=1 << 20,
                    help="longer messages are rejected as oversize (default 1 MiB)")
+    g.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="kafka-python setting for every client serve makes (consumer, producers, admin; "
+                        "repeatable): TLS and SASL, e.g. security_protocol=SASL_SSL sasl_mechanism=SCRAM-SHA-512 "
+                        "sasl_plain_username=me sasl_plain_password=... ssl_cafile=ca.pem")
     g.add_argument("--consumer-config", action="append", default=[], metavar="KEY=VALUE",
                    help="kafka-python consumer setting (repeatable), e.g. session_timeout_ms=10000")
+    g.add_argument("--producer-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="kafka-python setting of the predictions / dead-letter producer (repeatable)")
     g.add_argument("--absent-partitions", default="committed", choices=("committed", "earliest"),
                    help="where partitions not in the checkpoint start: the group's committed offset "
                         "(else the beginning; default), or always the beginning")
+    g.add_argument("--on-data-loss", default="stop", choices=("stop", "continue"),
+                   help="a partition that ends below (or restarts below) the next offset to learn lost records: "
+                        "stop with an error naming the offsets (default), or learn what it holds now as new data")
     s = p.add_argument_group("data sizes (default: from the stream; a checkpoint keeps them)")
     s.add_argument("--dataset", default=None, help="take the sizes from a known dataset (e.g. mnist, covertype)")
     s.add_argument("--n-features", type=int, default=None,
@@ -109,12 +118,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--checkpoint-every-batches", type=int, default=100)
     c.add_argument("--checkpoint-every-seconds", type=float, default=30.0)
     c.add_argument("--keep-checkpoints", type=int, default=3)
+    c.add_argument("--allow-fresh-start", action="store_true",
+                   help="when every checkpoint in --checkpoint-dir is unreadable, start a new model from the "
+                        "group's committed offsets (default: stop with an error, as the model is lost)")
+    c.add_argument("--max-checkpoint-failures", type=int, default=5, metavar="N",
+                   help="stop with an error after N checkpoints in a row could not be written (a full or "
+                        "read-only disk), retried with backoff in between (default 5)")
     o = p.add_argument_group("outputs")
     o.add_argument("--predictions-topic", default=None, help="write one JSON prediction per sample here")
     o.add_argument("--dead-letter-topic", default=None, help="write rejected messages here, with the reason")
+    o.add_argument("--dead-letter-max-bytes", type=int, default=1_000_000, metavar="BYTES",
+                   help="a rejected message larger than this is dead-lettered with its value cut to fit and "
+                        "headers amstream.truncated (its full length) and amstream.sha256 (default 1000000, "
+                        "under Kafka's default message.max.bytes)")
     o.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port)")
-    o.add_argument("--metrics-host", default="0.0.0.0")
+    o.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the metrics endpoint listens on (default 127.0.0.1, this machine only; "
+                        "0.0.0.0 for every interface)")
     o.add_argument("--log-every", type=float, default=10.0, metavar="SECONDS", help="progress log period")
     o.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     common.add_run_args(p)
@@ -272,7 +293,7 @@ def _join(args: argparse.Namespace, device, topics):
     if device.type == "cuda":  # one GPU per rank on a machine
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
-    state = restore(ranks, args.checkpoint_dir)
+    state = restore(ranks, args.checkpoint_dir, strict=not args.allow_fresh_start)
     return ranks, device, None if state is None else (learner_from_state(state["learner"], device=device), state, {})
 
 
@@ -284,6 +305,15 @@ def _facts(args: argparse.Namespace, engine, topics) -> dict:
     return {"topics": sorted(topics), "group_id": args.group_id, "batch_size": args.batch_size,
             "config": None if learner is None else learner.config.to_dict(),
             "model": None if learner is None else model_digest(learner.state_dict())}
+
+
+def kafka_configs(args: argparse.Namespace) -> dict:
+    """The settings of each Kafka client serve makes: ``{"consumer": ..., "producer": ..., "admin": ...}``,
+    each ``--kafka-config`` (security) updated by its own flag's."""
+    shared = common.parse_key_values(args.kafka_config, "--kafka-config")
+    return {"consumer": {**shared, **common.parse_key_values(args.consumer_config, "--consumer-config")},
+            "producer": {**shared, **common.parse_key_values(args.producer_config, "--producer-config")},
+            "admin": dict(shared)}
 
 
 def _continual(args: argparse.Namespace, restored, n_features, classes):
@@ -313,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from amstream.checkpoint import CheckpointManager
-    from amstream.exceptions import ConfigError, StreamError
+    from amstream.exceptions import CheckpointError, CheckpointsLostError, ConfigError, StreamError
     from amstream.serve import Engine, Runner, RunnerConfig, Telemetry, load_serve_checkpoint
 
     setup_logging(args.log_level)
@@ -330,10 +360,15 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. the model: from the checkpoint when there is one, else from the flags or the stream
     ranks = None
-    if args.distributed:
-        ranks, device, restored = _join(args, device, topics)
-    else:
-        restored = load_serve_checkpoint(args.checkpoint_dir, device=device) if args.checkpoint_dir else None
+    try:
+        if args.distributed:
+            ranks, device, restored = _join(args, device, topics)
+        else:
+            restored = load_serve_checkpoint(args.checkpoint_dir, device=device, strict=not args.allow_fresh_start) \
+                if args.checkpoint_dir else None
+    except CheckpointsLostError as exc:
+        raise CheckpointsLostError(f"{exc}. Nothing was read from the stream. To start a new model from the group's "
+                              f"committed offsets anyway, pass `--allow-fresh-start`") from None
     classes = _classes(args, restored, n_features, n_classes)
     source = None
     if args.source:
@@ -360,18 +395,20 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. sinks, telemetry
     producer = predictions = dead_letters = None
+    clients = kafka_configs(args)
     if topics and (args.predictions_topic or args.dead_letter_topic):
         from amstream.connectors.kafka import DeadLetterSink, KafkaSink, create_topic, make_producer
 
-        producer = make_producer(args.bootstrap_servers, connect_attempts=60, connect_backoff_s=1.0)
+        producer = make_producer(args.bootstrap_servers, connect_attempts=60, connect_backoff_s=1.0,
+                                 **clients["producer"])
         for name in (args.predictions_topic, args.dead_letter_topic):
             if name:
-                create_topic(name, partitions=1, bootstrap_servers=args.bootstrap_servers)
+                create_topic(name, partitions=1, bootstrap_servers=args.bootstrap_servers, **clients["admin"])
         if args.predictions_topic:
             predictions = KafkaSink(args.predictions_topic, bootstrap_servers=args.bootstrap_servers, producer=producer)
         if args.dead_letter_topic:
             dead_letters = DeadLetterSink(args.dead_letter_topic, bootstrap_servers=args.bootstrap_servers,
-                                          producer=producer)
+                                          producer=producer, max_bytes=args.dead_letter_max_bytes)
     telemetry = Telemetry(log_every_s=args.log_every or None, dead_letters=dead_letters is not None)
     if args.metrics_port is not None:
         port = args.metrics_port
@@ -391,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
         # a rank polls at every tick; a short poll interval bounds how long a rebalance waits for a
         # member that was killed (the group's rebalance timeout)
         consumer_config = {"max_poll_interval_ms": 30000} if ranks is not None else {}
-        consumer_config.update(common.parse_key_values(args.consumer_config, "--consumer-config"))
+        consumer_config.update(clients["consumer"])
         source = KafkaSource(topics, bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
                              consumer_config=consumer_config, connect_attempts=1, bootstrap_timeout_ms=2000)
     learner = model.learner
@@ -415,7 +452,8 @@ def run(args: argparse.Namespace) -> int:
                         checkpoint_every_batches=args.checkpoint_every_batches,
                         checkpoint_every_seconds=args.checkpoint_every_seconds, max_samples=args.max_samples,
                         max_seconds=args.max_seconds, idle_exit_s=args.idle_exit, flush_after_s=args.flush_after,
-                        absent_partitions=args.absent_partitions))
+                        absent_partitions=args.absent_partitions,
+                        max_checkpoint_failures=args.max_checkpoint_failures, on_data_loss=args.on_data_loss))
 
     # 4. run, with SIGTERM / SIGINT handled (the first stops after the minibatch)
     failure = None
@@ -441,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
                         result = runner.run(on_step=on_step)
                 else:
                     result = runner.run(on_step=on_step)
-            except StreamError as exc:  # permanent: checkpointed already; report it after the summary
+            except (StreamError, CheckpointError) as exc:  # permanent: reported after the summary
                 failure, result = exc, runner.summary()
     finally:
         if bar is not None:

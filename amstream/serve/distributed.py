@@ -42,7 +42,7 @@ from amstream import distributed
 from amstream.checkpoint import CheckpointManager
 from amstream.connectors.base import Sink, Source
 from amstream.connectors.records import Offsets, Record, TopicPartition, decode_offsets
-from amstream.exceptions import CheckpointError, ConfigError, DistributedError
+from amstream.exceptions import CheckpointError, CheckpointsLostError, ConfigError, DistributedError
 from amstream.serve import lockstep
 from amstream.serve.engine import Engine, Step, check_state
 from amstream.serve.runner import Runner, RunnerConfig, RunnerEvents, _Checkpointer, _DirectFeed
@@ -165,21 +165,23 @@ def join_group(*, timeout_s: float = 120.0, overlap: bool = True, grace_s: float
     return Ranks(control, model_group, overlap=overlap, grace_s=grace_s)
 
 
-def restore(ranks: Ranks, directory: Optional[str]) -> Optional[Dict[str, Any]]:
+def restore(ranks: Ranks, directory: Optional[str], *, strict: bool = False) -> Optional[Dict[str, Any]]:
     """The newest valid serve state in rank 0's ``directory`` (None: none), on every rank: only
-    rank 0 reads the directory, the others receive the state."""
+    rank 0 reads the directory, the others receive the state (``strict``: as
+    `CheckpointManager.restore`)."""
     found: Any = None
     if ranks.rank == 0 and directory:
         try:
-            loaded = CheckpointManager(directory).restore()
+            loaded = CheckpointManager(directory).restore(strict=strict)
             if loaded is not None:
                 check_state(loaded["state"])
                 found = loaded["state"]
         except CheckpointError as exc:
-            found = f"`{directory}`: {exc}"
+            found = (isinstance(exc, CheckpointsLostError), f"`{directory}`: {exc}")
     found = ranks.broadcast(found, "restore")
-    if isinstance(found, str):
-        raise CheckpointError(f"rank 0 cannot restore the checkpoint in {found}")
+    if isinstance(found, tuple):
+        lost, message = found
+        raise (CheckpointsLostError if lost else CheckpointError)(f"rank 0 cannot restore the checkpoint in {message}")
     return found
 
 
@@ -430,17 +432,19 @@ class _GroupCheckpointer(_Checkpointer):
         if path is not None:
             self.last_path, self.last_time = path, time.time()
         engine.mark_saved()
+        self.failures_in_a_row, self.retry_at = 0, 0.0
+        self.saved_learned = merged["counters"]["learned_samples"]
         runner._set_base(merged)
         self.saved_offsets = dict(engine.offsets)
         events.after_checkpoint(reason, path, seconds, merged["counters"]["learned_samples"],
                                 decode_offsets(merged["offsets"]))
         return True
 
-    def _failed(self, reason: str, error: BaseException, t1: float) -> None:
-        self.failures += 1
+    def _failed(self, reason: str, error: BaseException, t1: Optional[float] = None) -> None:
         self.last_mono = time.monotonic()
-        self.runner.timers.checkpoint += time.perf_counter() - t1
-        self.runner.events.after_checkpoint_failed(reason, error)
+        if t1 is not None:
+            self.runner.timers.checkpoint += time.perf_counter() - t1
+        super()._failed(reason, error)  # every rank sees the same failures: all stop at the same count
 
 
 def _fmt_tps(tps: Sequence[TopicPartition]) -> str:

@@ -782,11 +782,12 @@ def check_state(state: Mapping[str, Any]) -> None:
                               f"(expected {STATE_VERSION})")
 
 
-def load_serve_checkpoint(directory: Any, *, device: Any = "cpu") -> Optional[Tuple[Learner, Dict[str, Any], Dict[str, Any]]]:
+def load_serve_checkpoint(directory: Any, *, device: Any = "cpu",
+                          strict: bool = False) -> Optional[Tuple[Learner, Dict[str, Any], Dict[str, Any]]]:
     """``(learner, state, metadata)`` from the newest valid serve checkpoint in ``directory``, or
-    None when there is none. Give the learner to a `StreamModel` and the state to
-    `Engine.load_state_dict`."""
-    loaded = CheckpointManager(directory).restore()
+    None when there is none (``strict``: a `CheckpointError` when there are checkpoints but none
+    can be read). Give the learner to a `StreamModel` and the state to `Engine.load_state_dict`."""
+    loaded = CheckpointManager(directory).restore(strict=strict)
     if loaded is None:
         return None
     state = loaded["state"]

@@ -70,6 +70,7 @@ from amstream.checkpoint import CheckpointManager
 from amstream.connectors.base import GroupSource, Sink, Source
 from amstream.connectors.records import Offsets, Record, TopicPartition, encode_offsets
 from amstream.exceptions import CheckpointError, ConfigError, OffsetRewindError, StreamError
+from amstream.faults import kill_point
 from amstream.retry import Backoff, Stopped, retry
 from amstream.serve.engine import Engine, EngineEvents, Step
 
@@ -87,6 +88,7 @@ class RunnerConfig:
     idle_exit_s: Optional[float] = None  # stop when no record arrived for this long after an assignment
     flush_after_s: Optional[float] = 2.0  # learn a partial minibatch once caught up and idle this long
     absent_partitions: str = "committed"  # partitions not in the state start at the group's offset, or "earliest"
+    on_data_loss: str = "stop"  # a partition that lost records we had not read yet: "stop" (an error) or "continue"
     max_poll_records: Optional[int] = None  # records per poll (default: ~2 minibatches; 5000 when prefetching)
     poll_timeout_ms: int = 200  # how long one poll waits for records
     prefetch: Optional[bool] = None  # poll on a thread that owns the source (default: for group sources)
@@ -95,15 +97,22 @@ class RunnerConfig:
     shutdown_timeout_s: float = 2.0  # bound on each shutdown step that talks to a broker
     retry_initial_s: float = 0.5  # first wait after a transient source error ...
     retry_max_s: float = 30.0  # ... doubling up to this
+    max_checkpoint_failures: int = 5  # stop with an error after this many failed checkpoints in a row
+    checkpoint_retry_s: float = 1.0  # first wait after a failed checkpoint, doubling up to `retry_max_s`
 
     def __post_init__(self) -> None:
         if self.absent_partitions not in ("committed", "earliest"):
             raise ConfigError(f"`absent_partitions` must be `committed` or `earliest`, got `{self.absent_partitions}`")
+        if self.on_data_loss not in ("stop", "continue"):
+            raise ConfigError(f"`on_data_loss` must be `stop` or `continue`, got `{self.on_data_loss}`")
         for name in ("max_samples", "max_seconds", "idle_exit_s", "flush_after_s"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"`{name}` must be >= 0 or None, got `{value}`")
-        for name in ("poll_timeout_ms", "stall_timeout_s", "shutdown_timeout_s", "retry_initial_s"):
+        if self.max_checkpoint_failures < 1:
+            raise ConfigError(f"`max_checkpoint_failures` must be >= 1, got `{self.max_checkpoint_failures}`")
+        for name in ("poll_timeout_ms", "stall_timeout_s", "shutdown_timeout_s", "retry_initial_s",
+                     "checkpoint_retry_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"`{name}` must be > 0, got `{getattr(self, name)}`")
 
@@ -241,6 +250,7 @@ class _Feed:
         mine = {tp: off for tp, off in offsets.items() if tp in assigned}
         if not mine:
             return
+        kill_point("commit")
         error: Optional[BaseException] = None
         try:
             ok = self.source.commit(mine, timeout_s=self.runner.config.shutdown_timeout_s)
@@ -423,7 +433,11 @@ class _PrefetchFeed(_Feed):
 
 class _Checkpointer:
     """The checkpoint schedule and the save: flush the sinks, then write the engine's state
-    atomically, then remember the offsets it holds (only those may be committed)."""
+    atomically, then remember the offsets it holds (only those may be committed).
+
+    A failed checkpoint (a sink that cannot deliver, a full or read-only disk) is retried after a
+    backoff, not at every minibatch; after ``max_checkpoint_failures`` in a row the run stops with
+    a `CheckpointError`, as learning on would only pile up work that a restart must redo."""
 
     def __init__(self, runner: "Runner") -> None:
         self.runner = runner
@@ -432,11 +446,15 @@ class _Checkpointer:
         self.last_mono = time.monotonic()
         self.last_time: Optional[float] = None  # wall clock of the last checkpoint file
         self.last_path: Optional[str] = None
-        self.failures = 0
+        self.failures = 0  # in all
+        self.failures_in_a_row = 0
+        self.last_error: Optional[BaseException] = None
+        self.retry_at = 0.0  # monotonic time before which no new attempt is due after a failure
+        self.saved_learned = engine.counters.learned_samples  # the learned-sample count the checkpoint holds
 
     def due(self) -> bool:
         engine, config = self.runner.engine, self.runner.config
-        if not engine.dirty or not engine.can_snapshot:
+        if not engine.dirty or not engine.can_snapshot or time.monotonic() < self.retry_at:
             return False
         by_count = config.checkpoint_every_batches and engine.batches_since_saved >= config.checkpoint_every_batches
         by_time = config.checkpoint_every_seconds and time.monotonic() - self.last_mono >= config.checkpoint_every_seconds
@@ -455,9 +473,8 @@ class _Checkpointer:
                 if sink is not None:
                     sink.flush(timeout_s=timeout)
         except Exception as exc:
-            self.failures += 1
             timers.sinks += time.perf_counter() - t0
-            events.after_checkpoint_failed(reason, exc)
+            self._failed(reason, exc)
             return False
         t1 = time.perf_counter()
         timers.sinks += t1 - t0
@@ -473,18 +490,43 @@ class _Checkpointer:
                               "learned_samples": engine.counters.learned_samples,
                               "offsets": encode_offsets(engine.offsets)})
             except CheckpointError as exc:
-                self.failures += 1
                 timers.checkpoint += time.perf_counter() - t1
-                events.after_checkpoint_failed(reason, exc)
+                self._failed(reason, exc)
                 return False
             self.last_path, self.last_time = str(path), time.time()
         seconds = time.perf_counter() - t1
         timers.checkpoint += seconds
         engine.mark_saved()
+        self.failures_in_a_row, self.retry_at = 0, 0.0
+        self.saved_learned = engine.counters.learned_samples
         self.saved_offsets = dict(engine.offsets)
         events.after_checkpoint(reason, self.last_path if path is not None else None, seconds,
                                 engine.counters.learned_samples, dict(engine.offsets))
         return True
+
+    def _failed(self, reason: str, exc: BaseException) -> None:
+        runner, config = self.runner, self.runner.config
+        self.failures += 1
+        self.failures_in_a_row += 1
+        self.last_error = exc
+        delay = min(config.checkpoint_retry_s * 2 ** (self.failures_in_a_row - 1),
+                    max(config.checkpoint_retry_s, config.retry_max_s))
+        self.retry_at = time.monotonic() + delay
+        runner.events.after_checkpoint_failed(reason, exc)
+        if self.failures_in_a_row >= config.max_checkpoint_failures and runner.error is None:
+            runner.error = self.give_up(exc)
+            runner.request_stop(f"error: {runner.error}")
+
+    def give_up(self, exc: BaseException) -> CheckpointError:
+        engine = self.runner.engine
+        saved = "no checkpoint in this run" if self.last_path is None else f"the last one is `{self.last_path}`"
+        error = CheckpointError(
+            f"{self.failures_in_a_row} checkpoint(s) in a row could not be written ({saved}); the last error: "
+            f"{exc}. Stopping without committing offsets past the last checkpoint: the "
+            f"{engine.counters.learned_samples - self.saved_learned:,} samples learned after it will be learned "
+            "again by the next run. Free the disk or fix its permissions, then restart")
+        error.__cause__ = exc
+        return error
 
 
 # ---- the runner ---------------------------------------------------------------------------------
@@ -595,6 +637,7 @@ class Runner:
             absent_policy = self.config.absent_partitions
             seek = self.engine.assign(partitions, absent_at_zero=absent_policy == "earliest")
             absent = [tp for tp in partitions if tp not in self.engine.offsets]
+            kill_point("assign")
         self.events.after_assign(list(partitions), seek, absent, absent_policy)
         return seek
 
@@ -716,6 +759,7 @@ class Runner:
         except StreamError as exc:  # permanent: nothing was learned here, nothing to checkpoint
             self._fail(exc)
             return False
+        kill_point("startup")
         if not isinstance(source, GroupSource):
             seek = self.on_assign(source.assignment())
             if seek:
@@ -740,6 +784,9 @@ class Runner:
                         self.timers.sinks += time.perf_counter() - t0
                     out += item
                 elif isinstance(item, _Rewind):
+                    if self.config.on_data_loss == "stop":
+                        self._fail(data_loss_error(item))
+                        break
                     self.events.after_rewind(item.partition, item.offset, item.expected, item.why)
                     self.engine.rewind(item.partition, item.offset)
                 else:
@@ -762,7 +809,7 @@ class Runner:
 
     def _check_truncation(self, now: float) -> None:
         """A partition that ends below the next offset we hold lost its data (a restarted in-memory
-        broker, a recreated topic): start that partition over at 0."""
+        broker, a recreated topic): stop (``on_data_loss="stop"``), or start that partition over at 0."""
         if now - self._last_truncation_check < 2.0:
             return
         self._last_truncation_check = now
@@ -770,7 +817,10 @@ class Runner:
         with self.lock:
             lost = {tp: 0 for tp, hw in highwater.items()
                     if hw is not None and tp in self.engine.offsets and hw < self.engine.offsets[tp]}
-        if lost and self._feed is not None:
+        if lost and self.config.on_data_loss == "stop":
+            tp = min(lost)
+            self._fail(data_loss_error(_Rewind(tp, highwater[tp], self.engine.offsets[tp], "truncated")))
+        elif lost and self._feed is not None:
             self._feed.request_seek(lost)
 
     # ---- internals: learning --------------------------------------------------------------------------
@@ -857,9 +907,13 @@ class Runner:
         self.events.after_stop(self.summary())
 
     def _final_checkpoint(self) -> tuple:
-        """``(saved, offsets)``: checkpoint what is not saved yet; whether the offsets are covered."""
+        """``(saved, offsets)``: checkpoint what is not saved yet; whether the offsets are covered.
+        A final checkpoint that fails is the run's error (unless it has one already)."""
         with self.lock:
-            saved = self._checkpointer.save("shutdown") if self.engine.dirty else True
+            checkpointer = self._checkpointer
+            saved = checkpointer.save("shutdown") if self.engine.dirty else True
+            if not saved and self.engine.can_snapshot and self.error is None and checkpointer.last_error is not None:
+                self.error = checkpointer.give_up(checkpointer.last_error)
             return saved, dict(self.engine.offsets)
 
     # ---- internals: status --------------------------------------------------------------------------
@@ -902,6 +956,19 @@ def encode_predictions(step: Step, topics: Sequence[str]) -> List[bytes]:
     return [json.dumps({"step": step_before, "y_pred": row if len(row) > 1 else row[0], "y": y, "topic": topics[t],
                         "partition": part, "offset": off, "index": i}).encode()
             for row, (y, t, part, off, i) in zip(step.outputs.cpu().tolist(), ids)]
+
+
+def data_loss_error(rewind: _Rewind) -> StreamError:
+    """The error that stops a run when a partition lost records (``on_data_loss="stop"``)."""
+    (topic, partition), expected = rewind.partition, rewind.expected
+    where = (f"restarted at offset {rewind.offset}" if rewind.why == "reset"
+             else f"now ends at offset {rewind.offset}" if rewind.offset else "is now empty")
+    return StreamError(
+        f"partition `{topic}:{partition}` {where}, below offset {expected:,}, the next one this model would learn "
+        f"(everything below it is learned): the broker lost data (a restarted in-memory broker, a deleted or "
+        f"recreated topic, retention). Stopped rather than re-learn or skip records; nothing was committed past "
+        f"offset {expected:,}. To learn what the partition holds now as new data, run again with "
+        f"`--on-data-loss continue`", transient=False)
 
 
 def _ask(question: Callable[[], Any], default: Any) -> Any:

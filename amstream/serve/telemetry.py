@@ -160,7 +160,7 @@ class Telemetry(RunnerEvents):
         """Every metric in the Prometheus text format."""
         return generate_latest(self.registry).decode("utf-8")
 
-    def serve_http(self, port: int = 0, host: str = "0.0.0.0") -> int:
+    def serve_http(self, port: int = 0, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` from a daemon thread; returns the port (``port=0``: a free one)."""
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(self._server.server_port)
