@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from amstream.exceptions import AmstreamError, ConfigError
 
 __all__ = ["KILL_POINTS", "FaultUnavailable", "kill_point", "arm", "small_filesystem", "read_only_directory",
-           "ServeProcess", "paused", "rss_bytes"]
+           "ServeProcess", "torchrun_workers", "paused", "rss_bytes", "topic_sample_ids"]
 
 NAMES = ("startup", "assign", "checkpoint-write", "checkpoint-rename", "commit")
 """The kill points the product passes (see each call of `kill_point`)."""
@@ -229,7 +229,55 @@ def paused(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+def torchrun_workers(agent_pid: int) -> Dict[int, Tuple[int, int]]:
+    """``{rank: (pid, restart count)}`` of the workers a torchrun agent (``agent_pid``) runs now."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            out[int(env[b"RANK"])] = (int(entry), int(env.get(b"TORCHELASTIC_RESTART_COUNT", b"0")))
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of ``pid`` in bytes (Linux ``/proc``)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---- the audit ------------------------------------------------------------------------------------
+def topic_sample_ids(bootstrap_servers: str, topic: str, partitions: int, n_records: int, codec: Any,
+                     timeout_s: float = 60.0):
+    """``(partition, offset, index in its message)`` of every valid sample in the first
+    ``n_records`` records of ``topic``, read back (an ``(n, 3)`` int64 array): what
+    `amstream.serve.key_checksum` of a complete run must cover."""
+    import numpy as np
+
+    from amstream.connectors.kafka import KafkaSource
+
+    src = KafkaSource(partitions=[(topic, p) for p in range(partitions)], bootstrap_servers=bootstrap_servers,
+                      group_id=None, on_assign=lambda parts: {tp: 0 for tp in parts})
+    ids = []
+    with src:
+        seen, deadline = 0, time.monotonic() + timeout_s
+        while seen < n_records:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {seen} of {n_records} records of `{topic}` in {timeout_s:g} s")
+            records = src.next_batch(1000, 200)
+            seen += len(records)
+            batch = codec.decode_records(records)
+            index = np.asarray(batch.index)
+            for i in range(len(batch)):
+                r = records[int(index[i])]
+                ids.append((r.partition, r.offset, int(np.sum(index[:i] == index[i]))))
+    return np.array(ids, dtype=np.int64).reshape(-1, 3)

@@ -16,6 +16,10 @@ kills
     product passes (`amstream.faults.kill_point`: start-up, inside the partition assignment, inside a
     checkpoint write, between a checkpoint's rename and its directory sync, before an offset commit).
     The topic grows by one chunk before each run; a last run learns to the end.
+kills-distributed
+    ``--dist-kills`` (10) kill -9 of a random rank of ``serve --distributed`` with two ranks under
+    torchrun, at random moments (start-up included); torchrun restarts the group from its last group
+    checkpoint; SIGTERM of one rank then stops both, and a new group learns to the end.
 broker
     the broker killed and restarted with the same records (serve waits with backoff, resumes); the
     broker back with the topic shorter, and empty (a clear error naming the offsets, nothing
@@ -45,7 +49,7 @@ exposure
     python benchmarks/chaos.py --quick                  # small sizes (minutes)
 
 Writes ``benchmarks/results/chaos/``: ``chaos.md`` (the table), ``chaos.jsonl`` (every case),
-``soak.csv`` and ``soak.png``. The disk scenarios mount a tmpfs or a read-only bind mount and need
+``soak_k<samples per message>.csv`` and ``.png``. The disk scenarios mount a tmpfs or a read-only bind mount and need
 root (they are reported as not run otherwise).
 """
 from __future__ import annotations
@@ -148,8 +152,10 @@ def audit(ck: Path, produced: int, checksum: int, ref=None) -> Dict[str, Any]:
 
 
 def last_line(proc: ServeProcess) -> str:
+    """serve's error line if it printed one, else its last log line."""
     lines = [ln for ln in proc.log().strip().splitlines() if ln.strip()]
-    return lines[-1][-300:] if lines else ""
+    errors = [ln for ln in lines if ln.startswith("amstream serve: error:")]
+    return (errors or lines or [""])[-1][:300]
 
 
 def serve_argv(broker: EmbeddedBroker, topic: str, ck: Path, *extra: str, batch: int = 100, seed: int = 1) -> List[str]:
@@ -220,6 +226,84 @@ def scenario_kills(args, data: Data, work: Path) -> List[Dict[str, Any]]:
     return out
 
 
+def _torchrun(argv: List[str], log_dir: Path, restarts: int):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", str(restarts), "--monitor-interval", "0.2", "--log-dir", str(log_dir), "--redirects", "3",
+           "-m", "amstream", "serve", "--distributed", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+
+
+def _end(agent) -> None:
+    if agent.poll() is None:
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait(10)
+
+
+def scenario_kills_distributed(args, data: Data, work: Path) -> List[Dict[str, Any]]:
+    """kill -9 of a random rank of two under torchrun (which restarts the group from its last
+    group checkpoint), ``--dist-kills`` times at random moments, then a new group to the end."""
+    rng = random.Random(args.seed)
+    n, per_message, kills = args.dist_samples, 10, args.dist_kills
+    t0 = time.monotonic()
+    with EmbeddedBroker() as b:
+        topic = "dkills"
+        b.create_topic(topic, partitions=4)
+        x, y = data.rows(0, n)
+        produce_samples(topic, x, y, codec=BinaryCodec(D, K), bootstrap_servers=b.bootstrap_servers,
+                        samples_per_message=per_message, keys=[b"%d" % i for i in range(n)])
+        ck = work / topic
+        argv = serve_argv(b, topic, ck, "--checkpoint-every-seconds", "0.3", "--dist-timeout", "30",
+                          "--consumer-config", "max_poll_interval_ms=5000", seed=args.seed)
+        argv[argv.index("--flush-after") + 1] = "0.5"
+        agent = _torchrun(argv, work / "logs1", restarts=kills)
+        killed: Dict[int, int] = {}
+        progress = []
+        try:
+            for attempt in range(kills + 1):
+                deadline = time.monotonic() + 180
+                while not (len(w := faults.torchrun_workers(agent.pid)) == 2
+                           and all(c == attempt for _, c in w.values())):
+                    if agent.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"torchrun attempt {attempt} did not start (exit {agent.poll()})")
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 25.0))  # start-up (~10 s: a fresh interpreter), joining, learning
+                victim = rng.randint(0, 1)
+                workers = faults.torchrun_workers(agent.pid)
+                if attempt == kills:  # the last attempt: SIGTERM of one rank stops both
+                    os.kill(workers[victim][0], signal.SIGTERM)
+                    break
+                os.kill(workers[victim][0], signal.SIGKILL)
+                killed[victim] = killed.get(victim, 0) + 1
+                progress.append(learned_in(ck))
+                say(f"    kill {attempt + 1}/{kills} (rank {victim}): {progress[-1]:,} learned by the group")
+            code1 = agent.wait(120)
+        finally:
+            _end(agent)
+        again = list(argv)
+        again[again.index("--group-id") + 1] = f"g-{topic}-2"  # Tansu hands a killed group's partitions over slowly
+        agent = _torchrun(again + ["--idle-exit", "5"], work / "logs2", restarts=0)
+        try:
+            code2 = agent.wait(600)
+        finally:
+            _end(agent)
+        ids = faults.topic_sample_ids(b.bootstrap_servers, topic, 4, n // per_message, BinaryCodec(D, K))
+        checksum = key_checksum(topic, ids[:, 0], ids[:, 1], ids[:, 2])
+    logs = sorted((work / "logs2").rglob("stdout.log"))
+    final = [json.loads(p.read_text().strip().splitlines()[-1]) for p in logs if p.read_text().strip()]
+    same = len(final) == 2 and final[0]["model_digest"] == final[1]["model_digest"]
+    return [row("kills", f"{kills} kill -9, --distributed with 2 ranks", runs=kills + 2,
+                faults=f"{kills} kill -9 of a random rank under torchrun (rank 0: {killed.get(0, 0)}, rank 1: "
+                       f"{killed.get(1, 0)}), then SIGTERM of one rank", exit_code=f"{code1}, then {code2}",
+                **audit(ck, n, checksum), seconds=round(time.monotonic() - t0, 1),
+                notes=f"group progress at the kills {progress}; the ranks' final models "
+                      f"{'identical' if same else 'DIFFER'}; minibatches differ from one process's, so no model "
+                      "comparison with an uninterrupted run")]
+
+
 # ---- 2. broker faults ---------------------------------------------------------------------------------
 def _first_part(broker, topic, ck, data, n, per_message, args, *extra):
     produce(broker, topic, data, 0, n, per_message)
@@ -242,16 +326,16 @@ def scenario_broker(args, data: Data, work: Path) -> List[Dict[str, Any]]:
     ck = work / "b-same"
     try:
         b.create_topic("b-same", partitions=1)
-        proc = _first_part(b, "b-same", ck, data, n // 2, per_message, args, "--idle-exit", "10")
+        proc = _first_part(b, "b-same", ck, data, n // 2, per_message, args, "--idle-exit", "40")
         proc.wait_for(lambda: learned_in(ck) == n // 2, 120, "the first half learned")
         b.stop()
-        time.sleep(5)
+        time.sleep(15)  # serve reports what is wrong after 10 s of nothing
         b = EmbeddedBroker(port=port).start()
         b.create_topic("b-same", partitions=1)
         produce(b, "b-same", data, 0, n, per_message)  # the first half at the same offsets, then the rest
         code = proc.join(300)
         waited = "unreachable" in proc.log()
-        out.append(row("broker", "killed, restarted with the same records", runs=1, faults="broker SIGKILL, 5 s down",
+        out.append(row("broker", "killed, restarted with the same records", runs=1, faults="broker SIGKILL, 15 s down",
                        exit_code=code, **audit(ck, n, checksum, ref), seconds=round(time.monotonic() - t0, 1),
                        last_line=last_line(proc), notes="serve reported the broker unreachable and retried"
                        if waited else "no unreachable report"))
@@ -515,7 +599,8 @@ def scenario_bad_input(args, data: Data, work: Path) -> List[Dict[str, Any]]:
                 counted_ok=result["bad_messages_by_reason"] == expected, dead_lettered=sum(dead.values()),
                 dead_letter_ok=dead == expected, truncated=truncated, seconds=round(time.monotonic() - t0, 1),
                 last_line=last_line(proc),
-                notes=f"by reason: {json.dumps(result['bad_messages_by_reason'])}; expected {json.dumps(expected)}")]
+                notes=f"by reason: {json.dumps(result['bad_messages_by_reason'])}" + (
+                    "" if result["bad_messages_by_reason"] == expected else f"; expected {json.dumps(expected)}"))]
 
 
 # ---- 5. soak ---------------------------------------------------------------------------------------------
@@ -557,7 +642,7 @@ def scenario_soak(args, data: Data, work: Path) -> List[Dict[str, Any]]:
         s["samples_per_s"] = r
     warm = [s["rss_mb"] for s in samples[len(samples) // 5:]] or [0.0]
     res = audit(ck, n, ids_checksum(topic, n, per_message))
-    write_soak(samples, args.out)
+    write_soak(samples, args.out / f"soak_k{per_message}", f"{per_message} per message, seed {args.seed}")
     steady = [s["samples_per_s"] for s in samples[len(samples) // 5:-1] if "samples_per_s" in s]
     return [row("soak", f"{n:,} samples, {per_message} per message", runs=1, faults="none (length)", exit_code=code,
                 **res, seconds=round(time.monotonic() - t0, 1), last_line=last_line(proc),
@@ -567,10 +652,11 @@ def scenario_soak(args, data: Data, work: Path) -> List[Dict[str, Any]]:
                       f"{min(warm):.0f}-{max(warm):.0f} MB")]
 
 
-def write_soak(samples: List[Dict[str, Any]], out: Path) -> None:
+def write_soak(samples: List[Dict[str, Any]], stem: Path, what: str = "") -> None:
+    """``stem``.csv (every sample) and ``stem``.png (resident memory and throughput over time)."""
     if not samples:
         return
-    with open(out / "soak.csv", "w") as f:
+    with open(stem.with_suffix(".csv"), "w") as f:
         keys = ["t", "learned", "produced", "rss_mb", "broker_rss_mb", "samples_per_s"]
         f.write(",".join(keys) + "\n")
         for s in samples:
@@ -586,13 +672,13 @@ def write_soak(samples: List[Dict[str, Any]], out: Path) -> None:
     a1.set_ylabel("resident memory (MB)")
     a1.legend()
     a1.set_ylim(bottom=0)
-    a1.set_title(f"soak: {samples[-1]['learned']:,.0f} samples through amstream serve")
+    a1.set_title(f"soak: {samples[-1]['learned']:,.0f} samples through amstream serve ({what})")
     a2.plot(t[1:], [s.get("samples_per_s", float("nan")) / 1000 for s in samples[1:]], "o-")
     a2.set_ylabel("learned samples/s (thousands)")
     a2.set_xlabel("seconds")
     a2.set_ylim(bottom=0)
     fig.tight_layout()
-    fig.savefig(out / "soak.png", dpi=120)
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
     plt.close(fig)
 
 
@@ -664,7 +750,7 @@ def scenario_exposure(args, data: Data, work: Path) -> List[Dict[str, Any]]:
     return out
 
 
-SCENARIOS = {"kills": scenario_kills, "broker": scenario_broker, "disk": scenario_disk,
+SCENARIOS = {"kills": scenario_kills, "kills-distributed": scenario_kills_distributed, "broker": scenario_broker, "disk": scenario_disk,
              "bad-input": scenario_bad_input, "soak": scenario_soak, "exposure": scenario_exposure}
 
 
@@ -704,6 +790,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--kills", type=int, default=50)
     p.add_argument("--kill-chunk", type=int, default=2000, help="samples produced before each killed run")
+    p.add_argument("--dist-kills", type=int, default=10, help="kill -9 of a rank under torchrun")
+    p.add_argument("--dist-samples", type=int, default=400_000)
     p.add_argument("--broker-samples", type=int, default=20000)
     p.add_argument("--bad-total", type=int, default=100_000)
     p.add_argument("--bad-count", type=int, default=10_000)
@@ -717,6 +805,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.kills, args.bad_total, args.bad_count, args.soak_samples, args.soak_sample_s = 6, 10_000, 1_000, 500_000, 2
+        args.dist_kills, args.dist_samples = 2, 40_000
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,13 +4,9 @@ already), and readers of what a run left (checkpoints, the ids of the samples in
 from __future__ import annotations
 
 import re
-import time
-
-import numpy as np
 
 from amstream.checkpoint import CheckpointManager
-from amstream.connectors.kafka import KafkaSource
-from amstream.faults import ServeProcess
+from amstream.faults import ServeProcess, topic_sample_ids
 from amstream.serve import key_checksum
 
 FAST_GROUP = ["--consumer-config", "session_timeout_ms=2000", "--consumer-config", "heartbeat_interval_ms=500"]
@@ -32,21 +28,7 @@ def learned_in(ckpt_dir):
 
 def read_ids(bootstrap, topic, partitions, n_messages, codec):
     """(partition, offset, index-in-message) of every sample in the topic, read back."""
-    src = KafkaSource(partitions=[(topic, p) for p in range(partitions)], bootstrap_servers=bootstrap,
-                      group_id=None, on_assign=lambda parts: {tp: 0 for tp in parts})
-    ids = []
-    with src:
-        seen = 0
-        deadline = time.monotonic() + 30
-        while seen < n_messages:
-            assert time.monotonic() < deadline
-            records = src.next_batch(1000, 200)
-            seen += len(records)
-            batch = codec.decode_records(records)
-            for i in range(len(batch)):
-                r = records[int(batch.index[i])]
-                ids.append((r.partition, r.offset, int(np.sum(batch.index[:i] == batch.index[i]))))
-    return np.array(ids, dtype=np.int64).reshape(-1, 3)
+    return topic_sample_ids(bootstrap, topic, partitions, n_messages, codec, timeout_s=30)
 
 
 def checksum_of(topic, ids):

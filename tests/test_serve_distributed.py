@@ -304,22 +304,9 @@ def _end(agent):
 
 def _ranks_of(agent):
     """{rank: (pid, restart count)} of torchrun's running workers."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != agent.pid:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"RANK" in env:
-            out[int(env[b"RANK"])] = (int(entry), int(env.get(b"TORCHELASTIC_RESTART_COUNT", b"0")))
-    return out
+    from amstream.faults import torchrun_workers
+
+    return torchrun_workers(agent.pid)
 
 
 def _logs(log_dir, name="stderr.log"):

@@ -232,16 +232,46 @@ def test_a_partition_that_comes_back_shorter_stops_serve_with_the_offsets_nothin
         produce_samples("lost", x[500:], y[500:], codec=codec, bootstrap_servers=servers)  # offsets 0..199
         assert serve.join(90) == 1
         log = serve.log()
-        assert re.search(r"amstream serve: error: partition `lost:0` (now ends at offset 200|restarted at offset 0), "
+        # (Tansu may have recreated `lost` itself, with 4 partitions, on serve's metadata request: then
+        # partition 0 holds only part of the 200, and the other partitions are new to the model)
+        assert re.search(r"amstream serve: error: partition `lost:0` (now ends at offset \d+|restarted at offset 0), "
                          r"below offset 500", log), log[-3000:]
         assert "--on-data-loss continue" in log
-        assert serve.result()["learned_samples"] == 500
         state = load_serve_checkpoint(ck)[1]
-        assert state["counters"]["learned_samples"] == 500 and state["offsets"] == {"lost:0": 500}
+        assert state["offsets"]["lost:0"] == 500  # nothing of partition 0 re-learned, nothing skipped
+        assert state["counters"]["learned_samples"] == 500 + sum(v for k, v in state["offsets"].items() if k != "lost:0")
+        assert serve.result()["learned_samples"] == state["counters"]["learned_samples"]
     finally:
         if serve is not None:
             serve.stop()
         b.stop()
+
+
+def test_a_stalled_broker_is_waited_for_and_nothing_is_lost(tansu, tmp_path):
+    """The broker process paused (SIGSTOP: sockets open, no answers) for 4 s mid-stream."""
+    n, batch, seed = 1000, 50, 6
+    x, y = data(n, 6)
+    ck = tmp_path / "ck"
+    with EmbeddedBroker() as b:
+        b.create_topic("stall", partitions=1)
+        produce_samples("stall", x[:500], y[:500], codec=BinaryCodec(D, K), bootstrap_servers=b.bootstrap_servers)
+        serve = Serve(["--topic", "stall", "--bootstrap-servers", b.bootstrap_servers, "--group-id", "g-stall",
+                       "--n-features", str(D), "--n-classes", str(K), "--arch", "8", "--batch-size", str(batch),
+                       "--seed", str(seed), "--checkpoint-dir", str(ck), "--checkpoint-every-seconds", "0.5",
+                       "--flush-after", "60", "--idle-exit", "15", "--log-every", "0", "--json", *FAST_GROUP],
+                      tmp_path, "stall")
+        try:
+            serve.wait_for(lambda: learned_in(ck) == 500, 60, "the first 500 learned")
+            with faults.paused(b.pid):
+                time.sleep(4)
+            produce_samples("stall", x[500:], y[500:], codec=BinaryCodec(D, K), bootstrap_servers=b.bootstrap_servers)
+            assert serve.join(90) == 0, serve.log()[-3000:]
+        finally:
+            serve.stop()
+    result = serve.result()
+    assert result["learned_samples"] == n and result["offsets"] == {"stall:0": n}
+    assert result["key_checksum"] == key_checksum("stall", np.zeros(n), np.arange(n), np.zeros(n))
+    assert same_model(load_serve_checkpoint(ck)[0], reference(x, y, batch, seed))
 
 
 def test_a_topic_deleted_under_serve_is_an_error_naming_the_offsets(broker, tmp_path):

@@ -23,8 +23,12 @@ Errors: a transient `StreamError` (broker down) is retried with backoff, forever
 per attempt; a permanent one (unreadable codec, corrupt batch, refused authorization, missing
 topic) stops the run: the runner checkpoints what was learned, then `Runner.run` raises it. A
 poll that has not returned after ``stall_timeout_s`` is a permanent error too (a client stuck in
-a loop must not look like a quiet stream). Each shutdown step that talks to a broker is bounded
-by ``shutdown_timeout_s``, so a signal ends the run within seconds in every state.
+a loop must not look like a quiet stream). A partition that now ends (or restarts) below the next
+offset to learn lost data at the broker: permanent too, unless ``on_data_loss="continue"``. A
+checkpoint that cannot be written is retried with backoff; ``max_checkpoint_failures`` in a row
+(or a failed shutdown checkpoint) stop the run with a `CheckpointError`. Each shutdown step that
+talks to a broker is bounded by ``shutdown_timeout_s``, so a signal ends the run within seconds in
+every state.
 
 Examples
 --------
