@@ -6,8 +6,10 @@ resumes from the newest valid checkpoint, so every sample is learned exactly onc
 ``kill -9``. SIGTERM / Ctrl-C finish the minibatch, checkpoint, commit and exit 0 (a second
 one interrupts at once). An error no retry can fix (records in a codec this machine cannot
 read, a corrupt batch, a refused authorization, a missing topic with auto-create off) stops
-serve after checkpointing, with one message and exit code 1; a broker that is down is
-retried with backoff.
+serve after checkpointing, with one message and exit code 1, and so do a partition that lost
+records at the broker (``--on-data-loss``), checkpoints that cannot be written
+(``--max-checkpoint-failures``) and a checkpoint directory whose checkpoints are all unreadable
+(``--allow-fresh-start``); a broker that is down is retried with backoff.
 
 Examples::
 
