@@ -221,8 +221,9 @@ def summarize(results: list[dict], meta: dict, methods, targets, reference: str 
             line = f"| {m} | {lr:g} | {cell(mbs, '{}')} | {cell(secs, '{:.2f}')} | {mean_mb} | {mean_s} |"
             if reference:
                 ref = {r["seed"]: r for r in results if r["method"] == reference and r["target"] == t}
-                ratios = [rows[s]["train_seconds"] / ref[s]["train_seconds"] if s in rows and s in ref else None
-                          for s in seeds]
+                ratios = [rows[s]["train_seconds"] / ref[s]["train_seconds"]
+                          if s in rows and s in ref and rows[s]["train_seconds"] is not None
+                          and ref[s]["train_seconds"] else None for s in seeds]
                 ok_r = [v for v in ratios if v is not None]
                 line += f" {cell(ratios, '{:.2f}')}" + (f" (mean {np.mean(ok_r):.2f})" if ok_r else "") + " |"
             lines.append(line)
