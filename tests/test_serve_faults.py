@@ -303,7 +303,7 @@ def test_kill9_at_each_named_moment_then_resume_learns_every_sample_once(broker,
     """SIGKILL at start-up, inside the partition assignment, inside a checkpoint write (half a file
     on disk), between a checkpoint's rename and its directory sync, and before an offset commit;
     then a run to the end: every sample learned once, the model the uninterrupted one's."""
-    n, batch, seed = 2000, 50, 4
+    n, batch, seed = 6000, 50, 4
     x, y = data(n, 4)
     broker.create_topic("moments", partitions=1)
     produce_samples("moments", x, y, codec=BinaryCodec(D, K), bootstrap_servers=broker.bootstrap_servers)
@@ -313,12 +313,14 @@ def test_kill9_at_each_named_moment_then_resume_learns_every_sample_once(broker,
             str(seed), "--checkpoint-dir", str(ck), "--checkpoint-every-batches", "1", "--flush-after", "60",
             "--log-every", "0", "--json", *FAST_GROUP]
     progress = []
-    for spec in ("startup:1", "assign:1", "commit:1", "checkpoint-write:3", "checkpoint-rename:2"):
+    # each moment comes on the first pass, with most of the stream still to learn (a later pass may
+    # never come: a run that has learned everything idles without checkpoints)
+    for spec in ("startup:1", "assign:1", "checkpoint-write:1", "checkpoint-rename:1", "commit:1"):
         serve = Serve(argv, tmp_path, spec.replace(":", "-"), before=lambda spec=spec: faults.arm(spec))
         serve.proc.join(60)
         assert serve.proc.exitcode == -signal.SIGKILL, (spec, serve.proc.exitcode, serve.log()[-2000:])
         progress.append(learned_in(ck))
-    assert progress == sorted(progress) and 0 < progress[-1] < n, progress
+    assert progress == sorted(progress) and 0 < progress[-1] <= n, progress  # the commit comes late: all learned
     serve = Serve(argv + ["--idle-exit", "3"], tmp_path, "final")
     assert serve.join(120) == 0, serve.log()[-2000:]
     final = serve.result()
