@@ -68,10 +68,13 @@ class Backoff:
     def wait(self) -> tenacity.wait.wait_base:
         return tenacity.wait_exponential(multiplier=self.initial_s, exp_base=self.factor, max=self.max_s)
 
+    def delay(self, attempt: int) -> float:
+        """The delay after the ``attempt``-th failure (1, 2, ...)."""
+        return float(self.wait()(_state(attempt)))
+
     def delays(self, n: int) -> List[float]:
         """The first ``n`` delays (for documentation and tests)."""
-        wait = self.wait()
-        return [float(wait(_state(attempt))) for attempt in range(1, n + 1)]
+        return [self.delay(attempt) for attempt in range(1, n + 1)]
 
 
 def _state(attempt: int) -> tenacity.RetryCallState:

@@ -454,6 +454,8 @@ class _Checkpointer:
         self.failures_in_a_row = 0
         self.last_error: Optional[BaseException] = None
         self.retry_at = 0.0  # monotonic time before which no new attempt is due after a failure
+        config = runner.config
+        self.backoff = Backoff(config.checkpoint_retry_s, max(config.checkpoint_retry_s, config.retry_max_s))
         self.saved_learned = engine.counters.learned_samples  # the learned-sample count the checkpoint holds
 
     def due(self) -> bool:
@@ -513,9 +515,7 @@ class _Checkpointer:
         self.failures += 1
         self.failures_in_a_row += 1
         self.last_error = exc
-        delay = min(config.checkpoint_retry_s * 2 ** (self.failures_in_a_row - 1),
-                    max(config.checkpoint_retry_s, config.retry_max_s))
-        self.retry_at = time.monotonic() + delay
+        self.retry_at = time.monotonic() + self.backoff.delay(self.failures_in_a_row)
         runner.events.after_checkpoint_failed(reason, exc)
         if self.failures_in_a_row >= config.max_checkpoint_failures and runner.error is None:
             runner.error = self.give_up(exc)
