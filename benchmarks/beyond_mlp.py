@@ -7,7 +7,8 @@
   ``tanh`` after layer 2, minibatch 200: AM-Adam vs straight-through (STE) backprop
   (target: test error <= 3% within 20 epochs).
 
-Every method's learning rate is chosen first on a validation split (train on the first 50,000
+Every method's learning rate (and AM-Adam's output-layer rate, where a figure has an
+``out_grid``) is chosen first on a validation split (train on the first 50,000
 training images for ``--tune-epochs``, score on the last 10,000; the test set is not looked
 at), then each method trains on all 60,000 for ``--epochs`` with the rates halved every
 ``--decay-epochs`` epochs, test accuracy after every epoch (and every few minibatches of the
@@ -45,6 +46,7 @@ FIGURES: dict[str, dict] = {
         arch="784-rnn15-10", activation="relu", batch=1024, inset_every=5,
         methods={"am-adam": dict(algo="am-adam"), "sgd": dict(algo="sgd", momentum=0.9)},
         grid={"am-adam": [1e-3, 3e-3, 1e-2], "sgd": [0.01, 0.03, 0.1]},
+        out_grid={"am-adam": [1e-3, 1e-2]},
     ),
     # not in the paper: the same net reading a row (28 pixels) per step, 28 steps, where both
     # methods learn within a CPU budget
@@ -59,7 +61,8 @@ FIGURES: dict[str, dict] = {
         title="Row-by-row MNIST, Elman RNN (28 steps of 28 pixels, 64 units)",
         arch="28x28-rnn64-10", activation="relu", batch=200, inset_every=20,
         methods={"am-adam": dict(algo="am-adam"), "adam": dict(algo="adam")},
-        grid={"am-adam": [1e-4, 3e-4, 1e-3, 3e-3], "adam": [1e-3, 3e-3, 1e-2]},
+        grid={"am-adam": [3e-4, 1e-3, 3e-3], "adam": [1e-3, 3e-3, 1e-2]},
+        out_grid={"am-adam": [1e-3, 3e-3, 1e-2]},
     ),
     "fig7": dict(
         title="Figure 7: LeNet-5 on MNIST",
@@ -78,10 +81,12 @@ FIGURES: dict[str, dict] = {
 COLORS = {"am-adam": "tab:red", "sgd": "tab:blue", "adam": "tab:green", "ste": "tab:purple"}
 
 
-def config_for(fig: dict, method: str, lr: float, seed: int, per_epoch: int, decay_epochs: int) -> AMConfig:
+def config_for(fig: dict, method: str, lr: float, seed: int, per_epoch: int, decay_epochs: int,
+               lr_out: float | None = None) -> AMConfig:
+    """``lr_out``: AM's output-layer rate where the figure tunes it apart (``out_grid``), else ``lr``."""
     kwargs = dict(fig["methods"][method])
     if kwargs["algo"] == "am-adam":
-        kwargs["lr_out"] = lr
+        kwargs["lr_out"] = lr_out or lr
     return AMConfig(arch=fig["arch"], activation=fig["activation"], seed=seed, lr=lr,
                     lr_decay_every=decay_epochs * per_epoch if decay_epochs else 0, **kwargs)
 
@@ -115,22 +120,25 @@ def tune(name: str, fig: dict, data, *, epochs: int, seed: int, device, decay_ep
     rows = []
     for method, rates in fig["grid"].items():
         for lr in rates:
-            t0 = time.perf_counter()
-            cfg = config_for(fig, method, lr, seed, per_epoch, decay_epochs)
-            curve = train(cfg, xt, yt, epochs=epochs, batch=fig["batch"], seed=seed, device=device,
-                          x_test=xv, y_test=yv, inset_every=0)
-            rows.append({"figure": name, "method": method, "lr": lr, "val_accuracy": curve[-1][2],
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            print(f"  tune {name} {method} lr={lr:g}: validation accuracy {curve[-1][2]:.4f}", flush=True)
+            for lr_out in fig.get("out_grid", {}).get(method, [lr]):
+                t0 = time.perf_counter()
+                cfg = config_for(fig, method, lr, seed, per_epoch, decay_epochs, lr_out)
+                curve = train(cfg, xt, yt, epochs=epochs, batch=fig["batch"], seed=seed, device=device,
+                              x_test=xv, y_test=yv, inset_every=0)
+                rows.append({"figure": name, "method": method, "lr": lr, "lr_out": lr_out,
+                             "val_accuracy": curve[-1][2], "seconds": round(time.perf_counter() - t0, 1)})
+                apart = f" lr_out={lr_out:g}" if method in fig.get("out_grid", {}) else ""
+                print(f"  tune {name} {method} lr={lr:g}{apart}: validation accuracy {curve[-1][2]:.4f}", flush=True)
     return rows
 
 
-def best_rates(tuning: list[dict], name: str) -> dict[str, float]:
-    best: dict[str, tuple[float, float]] = {}
+def best_rates(tuning: list[dict], name: str) -> dict[str, tuple[float, float]]:
+    """Each method's (lr, lr_out) with the best validation accuracy."""
+    best: dict[str, tuple[float, float, float]] = {}
     for r in tuning:
-        if r["figure"] == name and r["val_accuracy"] > best.get(r["method"], (-1.0, 0.0))[0]:
-            best[r["method"]] = (r["val_accuracy"], r["lr"])
-    return {m: lr for m, (_, lr) in best.items()}
+        if r["figure"] == name and r["val_accuracy"] > best.get(r["method"], (-1.0, 0.0, 0.0))[0]:
+            best[r["method"]] = (r["val_accuracy"], r["lr"], r.get("lr_out") or r["lr"])
+    return {m: (lr, lr_out) for m, (_, lr, lr_out) in best.items()}
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -163,13 +171,14 @@ def summarize(rows: list[dict], tuning: list[dict], meta: dict, figures: list[st
         mine = [r for r in rows if r["figure"] == name and r["minibatch_in_epoch"] == "end"]
         if not mine:
             continue
-        rates = {r["method"]: r["lr"] for r in mine}
+        rates = {r["method"]: (r["lr"], r.get("lr_out") or r["lr"]) for r in mine}
         tuned = {r["method"] for r in tuning if r["figure"] == name and r["val_accuracy"] == r["val_accuracy"]}
         lines += ["", f"## {fig['title']}", "",
                   f"arch `{AMConfig(arch=fig['arch']).arch_string()}`, activation {fig['activation']}, minibatch "
                   f"{fig['batch']}; learning rates: "
-                  + ", ".join(f"{m} {lr:g} ({'chosen on validation' if m in tuned else 'given'})"
-                              for m, lr in rates.items()), ""]
+                  + ", ".join(f"{m} {lr:g}{f' (output layer {out:g})' if out != lr else ''} "
+                              f"({'chosen on validation' if m in tuned else 'given'})"
+                              for m, (lr, out) in rates.items()), ""]
         epochs = sorted({int(r["epoch"]) for r in mine})
         methods = [m for m in fig["methods"] if any(r["method"] == m for r in mine)]
         lines.append("| epoch | " + " | ".join(f"{m} test acc (mean ± sd, seeds)" for m in methods) + " |")
@@ -336,14 +345,14 @@ def main() -> int:
         print(f"{fig['title']}: tuning", flush=True)
         tuning += tune(name, fig, data, epochs=args.tune_epochs, seed=0, device=device,
                        decay_epochs=args.decay_epochs, limit=None)
-        tuning += [{"figure": name, "method": m, "lr": lr, "val_accuracy": float("nan"), "seconds": 0.0}
-                   for m, lr in fixed.items() if m in fig["methods"]]
+        tuning += [{"figure": name, "method": m, "lr": lr, "lr_out": lr, "val_accuracy": float("nan"),
+                    "seconds": 0.0} for m, lr in fixed.items() if m in fig["methods"]]
         rates = best_rates(tuning, name)
-        rates.update({m: lr for m, lr in fixed.items() if m in fig["methods"]})
+        rates.update({m: (lr, lr) for m, lr in fixed.items() if m in fig["methods"]})
         per_epoch = -(-len(data.x_train) // fig["batch"])
         for seed in seeds:
-            for method, lr in rates.items():
-                cfg = config_for(fig, method, lr, seed, per_epoch, args.decay_epochs)
+            for method, (lr, lr_out) in rates.items():
+                cfg = config_for(fig, method, lr, seed, per_epoch, args.decay_epochs, lr_out)
 
                 def log(event, method=method, seed=seed):
                     print(f"  {name} {method} seed {seed} epoch {event.epoch}: test accuracy "
@@ -353,7 +362,8 @@ def main() -> int:
                               device=device, x_test=data.x_test, y_test=data.y_test,
                               inset_every=fig["inset_every"], on_epoch=log)
                 for x, mb, acc, secs in curve:
-                    rows.append({"figure": name, "method": method, "seed": seed, "lr": lr, "x": round(x, 4),
+                    rows.append({"figure": name, "method": method, "seed": seed, "lr": lr, "lr_out": lr_out,
+                                 "x": round(x, 4),
                                  "epoch": int(np.ceil(x)), "minibatch_in_epoch": mb,
                                  "test_accuracy": acc, "test_error": round(1 - acc, 4), "seconds": round(secs, 2)})
                 save()

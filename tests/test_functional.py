@@ -104,6 +104,25 @@ def test_hidden_code_step_lowers_problem_5(act):
         assert after < before, (seed, float(before), float(after))
 
 
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid", "identity"])
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
+def test_hidden_code_step_moves_at_most_half_the_move_above(act, scale):
+    """Per sample, one line-search step on problem (5) moves the code by at most half the norm
+    of the residual above, whatever the weights: |g|^3 / (|J g|^2 + |g|^2) <= |r| / 2 with
+    g = J^T r. Down an unrolled RNN a move so shrinks at least as 2^-k over k steps (the limit
+    benchmarks/rnn_credit.py measures)."""
+    for seed in range(3):
+        x, y, layers, enc = _problem(seed, act)
+        layers[1] = F.Layer(layers[1].weight * scale, layers[1].bias)
+        enc = F.encode_input(x, layers, (act, act))
+        c_next, _ = F.solve_top_code(enc.codes[1], y, layers[2], act, 0.1, "ce", iters=3)
+        c, _, _ = F.solve_hidden_code(enc.codes[0], c_next, enc.codes[1], layers[1], act, 1.0, iters=1)
+        move = (c - enc.codes[0]).norm(dim=1)
+        above = (c_next - enc.codes[1]).norm(dim=1)
+        assert bool((move <= 0.5 * above * (1 + 1e-5) + 1e-7).all()), (seed, float((move / above).max()))
+        assert float((move / above).max()) > 0.05  # (the bound is not met by standing still)
+
+
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "identity"])
 @pytest.mark.parametrize("iters", [1, 3])
 def test_hidden_code_returns_exact_residual(act, iters):
