@@ -36,6 +36,7 @@ import torch
 from amstream import AMConfig, make_learner
 from amstream import functional as F
 from amstream.datasets import load_dataset
+from amstream.exceptions import ConfigError
 from amstream.training import iter_training
 
 HERE = Path(__file__).resolve().parent
@@ -93,6 +94,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    try:
+        is_rnn = AMConfig(arch=args.arch).network.is_rnn
+    except ConfigError as exc:
+        p.error(str(exc))
+    if not is_rnn:
+        p.error(f"--arch `{args.arch}` is not an RNN (e.g. 28x28-rnn64-10 or 784-rnn15-10)")
     torch.set_num_threads(args.threads)
     out = args.out or HERE / "results" / "rnn_credit" / args.arch
     out.mkdir(parents=True, exist_ok=True)
