@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from amstream import AMConfig, make_learner
-from amstream.checkpoint import CheckpointManager
+from amstream.checkpoint import CheckpointManager, load_checkpoint
 from amstream.connectors.base import GroupSource
 from amstream.connectors.codec import BinaryCodec
 from amstream.connectors.testing import Fail, Hang, Pause, TestingSource
@@ -245,3 +245,21 @@ def test_retry_stops_at_once_when_told_and_gives_up_at_its_limits():
         retry(down, transient=ConnectionError, backoff=Backoff(0.001, 0.004), attempts=5,
               on_retry=lambda exc, n, delay: seen.append((str(exc), n, delay)))
     assert seen == [("down", 1, 0.001), ("down", 2, 0.002), ("down", 3, 0.004), ("down", 4, 0.004)]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_checkpoints_carry_less_than_a_minibatch_when_a_poll_brings_many(tmp_path, prefetch):
+    """Polls of 110 records are learned 20 at a time; a checkpoint due in the middle waits until
+    the poll is learned, so it carries fewer than a minibatch, not the rest of the poll."""
+    manager = CheckpointManager(tmp_path, keep=1000)
+    source = TestingSource(VALUES, batch=150)
+    runner = Runner(engine(), source, checkpoints=manager,
+                    config=RunnerConfig(prefetch=prefetch, checkpoint_every_batches=2, **FAST))
+    summary = runner.run()
+    assert summary["learned_samples"] == N
+    carries = []
+    for path in sorted(tmp_path.glob("*.ckpt")):
+        carry = load_checkpoint(path)["state"].get("carry") or {}
+        carries.append(len(carry.get("offset", [])))
+    assert len(carries) >= 2 and max(carries) < B, carries
+    assert same_model(runner.engine.learner, reference())

@@ -117,8 +117,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a collective that waits longer for a peer rank fails (default 120)")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-dir", default=None, help="checkpoints (state + offsets); resume from here")
-    c.add_argument("--checkpoint-every-batches", type=int, default=100)
-    c.add_argument("--checkpoint-every-seconds", type=float, default=30.0)
+    c.add_argument("--checkpoint-every-batches", type=int, default=100,
+                   help="checkpoint once this many minibatches are learned (0: not by count; default 100), "
+                        "when the records of the poll at hand are learned")
+    c.add_argument("--checkpoint-every-seconds", type=float, default=30.0,
+                   help="... or this many seconds after the last one, whichever comes first (0: not by time; "
+                        "default 30)")
     c.add_argument("--keep-checkpoints", type=int, default=3)
     c.add_argument("--allow-fresh-start", action="store_true",
                    help="when every checkpoint in --checkpoint-dir is unreadable, start a new model from the "

@@ -85,7 +85,7 @@ __all__ = ["Runner", "RunnerConfig", "RunnerEvents", "Status", "encode_predictio
 class RunnerConfig:
     """How a `Runner` schedules, limits and bounds its work (every field keyword-only in use)."""
 
-    checkpoint_every_batches: int = 100  # checkpoint after this many minibatches (0: not by count)
+    checkpoint_every_batches: int = 100  # after this many minibatches, once a take is learned (0: not by count)
     checkpoint_every_seconds: float = 30.0  # ... or this many seconds, whichever comes first (0: not by time)
     max_samples: Optional[int] = None  # stop after learning this many samples in this run
     max_seconds: Optional[float] = None  # stop after running this long
@@ -703,7 +703,8 @@ class Runner:
                     self._first_data = now
             while self.engine.ready and not self._stop.is_set() and not self._limit_reached():
                 yield self._learn()
-                self._maybe_checkpoint()
+            # a checkpoint due mid-take waits for the take to be learned: it then carries fewer
+            # than a minibatch of samples, not the rest of a poll (up to max_poll_records messages)
             if not records and not self._feed.queued:  # nothing arrived, not merely: nothing taken yet
                 step = self._when_idle(now)
                 if step is not None:
