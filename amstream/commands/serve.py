@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--checkpoint-dir", default=None, help="checkpoints (state + offsets); resume from here")
     c.add_argument("--checkpoint-every-batches", type=int, default=100,
                    help="checkpoint once this many minibatches are learned (0: not by count; default 100), "
-                        "when the records of the poll at hand are learned")
+                        "at the end of the minibatch or two taken at a time")
     c.add_argument("--checkpoint-every-seconds", type=float, default=30.0,
                    help="... or this many seconds after the last one, whichever comes first (0: not by time; "
                         "default 30)")

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import threading
 import time
@@ -374,13 +375,20 @@ class _PrefetchFeed(_Feed):
                 self._cond.wait(runner.config.poll_timeout_ms / 1000)
         runner.timers.poll += time.perf_counter() - t0
         out: List[Record] = []
+        engine = runner.engine
         with runner.lock:  # taking and ingesting are one step for the rebalance hooks
-            while runner.engine.buffered < 2 * runner.engine.batch_size:
+            while engine.buffered < 2 * engine.batch_size:
                 with self._cond:
                     if not self._queue:
                         break
                     item = self._queue.popleft()
                     if isinstance(item, list):
+                        # about two minibatches at a time, the rest stays queued: a big poll is not
+                        # taken whole, so checkpoints keep their schedule and carry little
+                        want = max(1, math.ceil((2 * engine.batch_size - engine.buffered) / engine.samples_per_record))
+                        if len(item) > want:
+                            self._queue.appendleft(item[want:])
+                            item = item[:want]
                         self._queued_records -= len(item)
                         self._queued_bytes -= sum(len(r.value) for r in item)
                     self._cond.notify_all()
@@ -703,8 +711,8 @@ class Runner:
                     self._first_data = now
             while self.engine.ready and not self._stop.is_set() and not self._limit_reached():
                 yield self._learn()
-            # a checkpoint due mid-take waits for the take to be learned: it then carries fewer
-            # than a minibatch of samples, not the rest of a poll (up to max_poll_records messages)
+            # a checkpoint due mid-take waits for the take (about two minibatches) to be learned:
+            # it then carries fewer than a minibatch of samples
             if not records and not self._feed.queued:  # nothing arrived, not merely: nothing taken yet
                 step = self._when_idle(now)
                 if step is not None:
