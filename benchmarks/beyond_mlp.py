@@ -118,16 +118,17 @@ def tune(name: str, fig: dict, data, *, epochs: int, seed: int, device, decay_ep
         xt, yt = xt[:limit], yt[:limit]
     per_epoch = -(-len(xt) // fig["batch"])
     rows = []
+    out_grid = fig.get("out_grid", {})
     for method, rates in fig["grid"].items():
         for lr in rates:
-            for lr_out in fig.get("out_grid", {}).get(method, [lr]):
+            for lr_out in out_grid.get(method, [lr]):
                 t0 = time.perf_counter()
                 cfg = config_for(fig, method, lr, seed, per_epoch, decay_epochs, lr_out)
                 curve = train(cfg, xt, yt, epochs=epochs, batch=fig["batch"], seed=seed, device=device,
                               x_test=xv, y_test=yv, inset_every=0)
                 rows.append({"figure": name, "method": method, "lr": lr, "lr_out": lr_out,
                              "val_accuracy": curve[-1][2], "seconds": round(time.perf_counter() - t0, 1)})
-                apart = f" lr_out={lr_out:g}" if method in fig.get("out_grid", {}) else ""
+                apart = f" lr_out={lr_out:g}" if method in out_grid else ""
                 print(f"  tune {name} {method} lr={lr:g}{apart}: validation accuracy {curve[-1][2]:.4f}", flush=True)
     return rows
 
@@ -137,8 +138,13 @@ def best_rates(tuning: list[dict], name: str) -> dict[str, tuple[float, float]]:
     best: dict[str, tuple[float, float, float]] = {}
     for r in tuning:
         if r["figure"] == name and r["val_accuracy"] > best.get(r["method"], (-1.0, 0.0, 0.0))[0]:
-            best[r["method"]] = (r["val_accuracy"], r["lr"], r.get("lr_out") or r["lr"])
+            best[r["method"]] = (r["val_accuracy"], r["lr"], _lr_out(r))
     return {m: (lr, lr_out) for m, (_, lr, lr_out) in best.items()}
+
+
+def _lr_out(row: dict) -> float:
+    """A run's output-layer rate (rows written before ``out_grid`` have none: the same as lr)."""
+    return row.get("lr_out") or row["lr"]
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -171,7 +177,7 @@ def summarize(rows: list[dict], tuning: list[dict], meta: dict, figures: list[st
         mine = [r for r in rows if r["figure"] == name and r["minibatch_in_epoch"] == "end"]
         if not mine:
             continue
-        rates = {r["method"]: (r["lr"], r.get("lr_out") or r["lr"]) for r in mine}
+        rates = {r["method"]: (r["lr"], _lr_out(r)) for r in mine}
         tuned = {r["method"] for r in tuning if r["figure"] == name and r["val_accuracy"] == r["val_accuracy"]}
         lines += ["", f"## {fig['title']}", "",
                   f"arch `{AMConfig(arch=fig['arch']).arch_string()}`, activation {fig['activation']}, minibatch "

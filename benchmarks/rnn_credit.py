@@ -16,7 +16,7 @@ ill-conditioned J. Backprop's gradient is multiplied by s. A direction that carr
 (s near 1) so keeps backprop's signal whole but halves AM's at every step.
 
     python benchmarks/rnn_credit.py                                  # 28x28-rnn64-10, 3 seeds
-    python benchmarks/rnn_credit.py --arch 784-rnn15-10 --batch 1024 --lr 0.01 --lr-out 0.01
+    python benchmarks/rnn_credit.py --arch 784-rnn15-10 --batch 1024 --lr 1e-3 --lr-out 1e-3   # fig6's rates
 
 Writes ``credit.csv``, ``credit.png`` and ``summary.md`` under ``--out`` (default
 ``benchmarks/results/rnn_credit/<arch>``).

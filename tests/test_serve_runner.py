@@ -45,6 +45,11 @@ def same_model(a, b):
     return all(torch.equal(u, v) for u, v in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
+def carried(state):
+    """Samples a serve state holds taken but not learned (its carry)."""
+    return len((state.get("carry") or {}).get("offset", []))
+
+
 class Recorder(RunnerEvents):
     def __init__(self):
         self.errors = []
@@ -188,8 +193,7 @@ def test_sigterm_ends_the_process_within_seconds(tmp_path, kind, expected):
         assert time.monotonic() - t0 < 5
         assert proc.exitcode == expected
         _, state, _ = load_serve_checkpoint(tmp_path / "ck")
-        carried = len((state.get("carry") or {}).get("offset", []))  # taken, not learned: a restart learns them
-        assert state["counters"]["learned_samples"] + carried == 100
+        assert state["counters"]["learned_samples"] + carried(state) == 100  # the carry: a restart learns it
     finally:
         if proc.is_alive():
             proc.kill()
@@ -250,17 +254,15 @@ def test_retry_stops_at_once_when_told_and_gives_up_at_its_limits():
 
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_checkpoints_carry_less_than_a_minibatch_when_a_poll_brings_many(tmp_path, prefetch):
-    """Polls of 110 records are learned 20 at a time; a checkpoint due in the middle waits until
-    the poll is learned, so it carries fewer than a minibatch, not the rest of the poll."""
+    """Polls of 150 records, minibatches of 20: a take holds about two minibatches of a poll (the
+    rest stays queued) and a checkpoint due in the middle waits for the take to be learned, so it
+    carries fewer than a minibatch, not the rest of the poll."""
     manager = CheckpointManager(tmp_path, keep=1000)
     source = TestingSource(VALUES, batch=150)
     runner = Runner(engine(), source, checkpoints=manager,
                     config=RunnerConfig(prefetch=prefetch, checkpoint_every_batches=2, **FAST))
     summary = runner.run()
     assert summary["learned_samples"] == N
-    carries = []
-    for path in sorted(tmp_path.glob("*.ckpt")):
-        carry = load_checkpoint(path)["state"].get("carry") or {}
-        carries.append(len(carry.get("offset", [])))
+    carries = [carried(load_checkpoint(path)["state"]) for path in sorted(tmp_path.glob("*.ckpt"))]
     assert len(carries) >= 2 and max(carries) < B, carries
     assert same_model(runner.engine.learner, reference())
